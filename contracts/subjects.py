@@ -1,0 +1,53 @@
+"""Subject names. Lower-case dot words that operators filter with `nats stream view --subject`.
+
+An identifier becomes one subject token. Identifiers made only of letters, digits, `-` and `_`
+are used as they are, so `nats sub 'health.reports.orch-1'` works as an operator expects. Anything
+else (dots, spaces, wildcards) cannot be a NATS token, so it is replaced by `h-` and the first 32
+hex digits of its sha256. The payload always carries the real identifier; the token only routes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Streams' subject spaces.
+HEALTH_REPORTS = "health.reports"
+REGISTRY_EVENTS = "registry.events"
+SESSIONS_EVENTS = "sessions.events"
+SESSIONS_TICKS = "sessions.ticks"
+WORKLOADS = "workloads"
+JOBS = "jobs"
+LEDGER_ENTRIES = "ledger.entries"
+PAYOUTS = "payouts"
+AUDIT = "audit"
+
+# Request-reply command subjects (core NATS, answered by a worker queue group; never stored).
+REGISTRY_COMMANDS = "registry.commands"
+REGISTER_COMMAND = f"{REGISTRY_COMMANDS}.register"
+
+
+def token(identifier: str) -> str:
+    """Return a subject token that stands for `identifier`."""
+    if _SAFE_TOKEN.match(identifier):
+        return identifier
+    digest = hashlib.sha256(identifier.encode("utf-8")).hexdigest()[:32]
+    return f"h-{digest}"
+
+
+def health_report(orchestrator_id: str) -> str:
+    return f"{HEALTH_REPORTS}.{token(orchestrator_id)}"
+
+
+def registry_event(orchestrator_id: str) -> str:
+    return f"{REGISTRY_EVENTS}.{token(orchestrator_id)}"
+
+
+def ledger_entry(orchestrator_id: str) -> str:
+    return f"{LEDGER_ENTRIES}.{token(orchestrator_id)}"
+
+
+def audit(domain: str, event: str) -> str:
+    return f"{AUDIT}.{token(domain)}.{token(event)}"

@@ -1,0 +1,131 @@
+"""`payments`: the operator's command line.
+
+payments stack run                 start the embedded stack (what `make run` does)
+payments api                       run the HTTP api alone
+payments nats provision [--check]  create streams and consumers, or only report drift
+payments db upgrade                migrate the database to the newest schema
+payments dlq list [--all]          list dead letters
+payments dlq retry ID... | --all   publish dead letters again to their original subjects
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+
+from shared.settings import ConfigurationError, Settings, build_settings
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def cmd_stack_run(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.stack import run_stack
+
+    return run_stack()
+
+
+def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
+    from api.app import main as api_main
+
+    api_main()
+    return 0
+
+
+def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.nats_client import connect
+    from shared.provisioning import provision
+
+    async def run() -> int:
+        nc = await connect(settings, "ops", "payments-cli")
+        try:
+            results = await provision(
+                nc.jetstream(), settings.stream_replicas, update=not args.check
+            )
+        finally:
+            await nc.close()
+        for result in results:
+            print(result.line())
+        return 1 if any(r.action == "drift" for r in results) else 0
+
+    return asyncio.run(run())
+
+
+def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.db.migrate import upgrade
+
+    upgrade(settings.resolved_database_url)
+    print(f"database {settings.resolved_database_url} is at the newest schema")
+    return 0
+
+
+def cmd_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.dead_letter_ops import list_dead_letters
+
+    for line in asyncio.run(
+        list_dead_letters(settings, include_retried=args.all, limit=args.limit)
+    ):
+        print(line)
+    return 0
+
+
+def cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.dead_letter_ops import retry_dead_letters
+
+    if not args.ids and not args.all:
+        print("give dead-letter ids or --all", file=sys.stderr)
+        return 2
+    for line in asyncio.run(retry_dead_letters(settings, args.ids, retry_all=args.all)):
+        print(line)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="payments", description="Payments pipeline operations.")
+    groups = root.add_subparsers(dest="group", required=True)
+
+    stack = groups.add_parser("stack", help="the embedded stack").add_subparsers(
+        dest="action", required=True
+    )
+    stack.add_parser("run", help="start NATS, migrate, run the api and every worker").set_defaults(
+        func=cmd_stack_run
+    )
+
+    groups.add_parser("api", help="run the HTTP api").set_defaults(func=cmd_api)
+
+    nats_group = groups.add_parser("nats", help="NATS JetStream").add_subparsers(
+        dest="action", required=True
+    )
+    provision = nats_group.add_parser("provision", help="create or check streams and consumers")
+    provision.add_argument("--check", action="store_true", help="only report drift, change nothing")
+    provision.set_defaults(func=cmd_provision)
+
+    db = groups.add_parser("db", help="database").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="run migrations").set_defaults(func=cmd_db_upgrade)
+
+    dlq = groups.add_parser("dlq", help="dead letters").add_subparsers(dest="action", required=True)
+    listing = dlq.add_parser("list", help="list dead letters")
+    listing.add_argument("--all", action="store_true", help="include retried ones")
+    listing.add_argument("--limit", type=int, default=100)
+    listing.set_defaults(func=cmd_dlq_list)
+    retry = dlq.add_parser("retry", help="publish dead letters again")
+    retry.add_argument("ids", nargs="*", type=int)
+    retry.add_argument("--all", action="store_true", help="every dead letter not yet retried")
+    retry.set_defaults(func=cmd_dlq_retry)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = build_settings()
+    except ConfigurationError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    command: Command = args.func
+    return command(args, settings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

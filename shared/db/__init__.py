@@ -1,0 +1,1 @@
+"""Database: column types, SQLModel tables, engines, migrations and repositories."""

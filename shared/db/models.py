@@ -1,0 +1,164 @@
+"""SQLModel tables. Every table here is a projection of the streams, rebuilt by `payments replay`,
+except `dead_letters`, which is the operators' record of what a worker could not apply.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from shared.db.types import UtcDateTime, Wei
+
+# 64-bit ids on PostgreSQL; SQLite only autoincrements a column declared exactly INTEGER.
+BIG_ID = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _id() -> Any:
+    return Field(default=None, sa_column=Column(BIG_ID, primary_key=True, autoincrement=True))
+
+
+def _utc(nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UtcDateTime(), nullable=nullable, index=index))
+
+
+def _json() -> Any:
+    return Field(default=None, sa_column=Column(JSON(), nullable=True))
+
+
+class Orchestrator(SQLModel, table=True):
+    __tablename__ = "orchestrators"
+
+    orchestrator_id: str = Field(primary_key=True, max_length=128)
+    address: str = Field(max_length=42, unique=True)
+    # Stream sequence of the first registration: the "insertion order" session attribution uses.
+    registration_order: int = Field(sa_type=BigInteger, index=True)
+    eligible_for_payments: bool = True
+    is_top_100: bool = True
+    denylisted: bool = False
+    registration_count: int = 0
+    first_seen: datetime | None = _utc()
+    last_seen: datetime | None = _utc()
+    last_seen_ip: str | None = Field(default=None, max_length=64)
+    last_contact_source: str | None = Field(default=None, max_length=64)
+    contact_email: str | None = Field(default=None, max_length=255)
+    capability: str | None = Field(default=None, max_length=128)
+    host_public_ip: str | None = Field(default=None, max_length=64)
+    host_name: str | None = Field(default=None, max_length=128)
+    health_url: str | None = Field(default=None, max_length=512)
+    health_timeout: float | None = None
+    monitored_services: list[str] | None = _json()
+    min_service_uptime: float | None = None
+    last_healthy_at: datetime | None = _utc()
+    last_missed_all_services: datetime | None = _utc()
+    cooldown_expires_at: datetime | None = _utc()
+    last_cooldown_started_at: datetime | None = _utc()
+    last_cooldown_cleared_at: datetime | None = _utc()
+    last_session_upstream_addr: str | None = Field(default=None, max_length=64)
+    last_session_seen_at: datetime | None = _utc()
+    last_session_edge_id: str | None = Field(default=None, max_length=64)
+    forwarder_health_source: str | None = Field(default=None, max_length=64)
+    forwarder_health_reported_at: datetime | None = _utc()
+    forwarder_health_data: dict[str, Any] | None = _json()
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """The inbox: one row per (consumer, event key), written in the same transaction as the effect.
+
+    A redelivery finds its row and is only acked. `outcome` keeps the answer a command waits for.
+    """
+
+    __tablename__ = "processed_events"
+    __table_args__ = (UniqueConstraint("consumer", "event_key", name="uq_processed_consumer_key"),)
+
+    id: int | None = _id()
+    consumer: str = Field(max_length=64)
+    event_key: str = Field(max_length=300)
+    stream: str = Field(max_length=32)
+    stream_seq: int = Field(sa_type=BigInteger)
+    outcome: dict[str, Any] | None = _json()
+
+
+class DeadLetter(SQLModel, table=True):
+    """A message a worker terminated: malformed, or still failing after MAX_ATTEMPTS deliveries."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        UniqueConstraint("consumer", "stream", "stream_seq", name="uq_dead_letter_message"),
+        Index("ix_dead_letters_status", "status"),
+    )
+
+    id: int | None = _id()
+    consumer: str = Field(max_length=64)
+    stream: str = Field(max_length=32)
+    subject: str = Field(max_length=256)
+    stream_seq: int = Field(sa_type=BigInteger)
+    event_key: str | None = Field(default=None, max_length=300)
+    error: str = Field(max_length=2000)
+    body: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
+    headers: dict[str, str] | None = _json()
+    deliveries: int
+    status: str = Field(default="dead", max_length=16)  # dead | retried
+    created_at: datetime | None = _utc(nullable=False)
+    retried_at: datetime | None = _utc()
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message to publish, written in the same transaction as the effect it reports.
+
+    The relay publishes it after the commit with its event key as Nats-Msg-Id and marks it
+    published; a crash in between leaves it pending, and the sweeper publishes it again (the
+    stream's duplicate window and the readers' event keys absorb the second copy).
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "published_at", "id"),)
+
+    id: int | None = _id()
+    stream: str = Field(max_length=32)
+    subject: str = Field(max_length=256)
+    event_key: str = Field(max_length=300, unique=True)
+    schema_name: str = Field(max_length=64)
+    body: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
+    created_at: datetime | None = _utc(nullable=False)
+    published_at: datetime | None = _utc()
+
+
+class Balance(SQLModel, table=True):
+    """Per-orchestrator balance, updated in the same transaction as the entries it sums."""
+
+    __tablename__ = "balances"
+
+    orchestrator_id: str = Field(primary_key=True, max_length=128)
+    balance_wei: int = Field(sa_column=Column(Wei(), nullable=False))
+    entry_count: int = 0
+    last_entry_id: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One append-only ledger entry. Never updated or deleted; a mistake gets a new entry
+    (`corrects_entry_id`) that points at the old one.
+
+    `entry_key` is unique: a second entry for the same source cannot be written, on SQLite or
+    PostgreSQL, whatever the application does.
+    """
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (Index("ix_ledger_orchestrator_id", "orchestrator_id", "id"),)
+
+    id: int | None = _id()
+    entry_key: str = Field(max_length=300, unique=True)
+    orchestrator_id: str = Field(max_length=128)
+    amount_wei: int = Field(sa_column=Column(Wei(), nullable=False))
+    balance_after_wei: int = Field(sa_column=Column(Wei(), nullable=False))
+    reason: str = Field(max_length=256)
+    source_stream: str = Field(max_length=32)
+    source_seq: int = Field(sa_type=BigInteger)
+    source_key: str = Field(max_length=300)
+    entry_metadata: dict[str, Any] | None = Field(
+        default=None, sa_column=Column("metadata", JSON(), nullable=True)
+    )
+    occurred_at: datetime | None = _utc(nullable=False, index=True)
+    corrects_entry_id: int | None = Field(default=None, sa_type=BigInteger)

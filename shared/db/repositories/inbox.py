@@ -1,0 +1,63 @@
+"""The processed-events inbox: which event keys a consumer has already applied."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db.models import ProcessedEvent
+
+_TABLE = ProcessedEvent.__table__  # type: ignore[attr-defined]
+# SQLite allows 32766 bound parameters; stay far below it in IN (...) lists.
+KEY_LOOKUP_CHUNK = 500
+
+
+async def existing_keys(session: AsyncSession, consumer: str, keys: Iterable[str]) -> set[str]:
+    wanted = list(dict.fromkeys(keys))
+    found: set[str] = set()
+    for start in range(0, len(wanted), KEY_LOOKUP_CHUNK):
+        chunk = wanted[start : start + KEY_LOOKUP_CHUNK]
+        rows = await session.execute(
+            select(_TABLE.c.event_key).where(
+                _TABLE.c.consumer == consumer, _TABLE.c.event_key.in_(chunk)
+            )
+        )
+        found.update(rows.scalars())
+    return found
+
+
+async def record(
+    session: AsyncSession,
+    consumer: str,
+    rows: Sequence[tuple[str, str, int, dict[str, Any] | None]],
+) -> None:
+    """Insert (event_key, stream, stream_seq, outcome) rows; the unique key rejects a second one."""
+    if not rows:
+        return
+    await session.execute(
+        insert(_TABLE),
+        [
+            {
+                "consumer": consumer,
+                "event_key": key,
+                "stream": stream,
+                "stream_seq": seq,
+                "outcome": outcome,
+            }
+            for key, stream, seq, outcome in rows
+        ],
+    )
+
+
+async def outcome_of(session: AsyncSession, consumer: str, key: str) -> dict[str, Any] | None:
+    """The stored outcome, or None while the event has not been applied."""
+    row = await session.execute(
+        select(_TABLE.c.outcome).where(_TABLE.c.consumer == consumer, _TABLE.c.event_key == key)
+    )
+    found = row.first()
+    if found is None:
+        return None
+    return dict(found[0] or {"applied": True})

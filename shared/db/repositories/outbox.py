@@ -1,0 +1,70 @@
+"""The transactional outbox: messages written with their effect, published after the commit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.events import EventModel
+from shared.db.models import OutboxMessage
+
+_TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
+# Where the ids written in the current transaction are collected for the relay.
+SESSION_OUTBOX_IDS = "outbox_ids"
+
+
+async def add(
+    session: AsyncSession, *, stream: str, subject: str, event: EventModel, key: str
+) -> int:
+    result = await session.execute(
+        insert(_TABLE)
+        .values(
+            stream=stream,
+            subject=subject,
+            event_key=key,
+            schema_name=event.SCHEMA,
+            body=event.model_dump_json().encode("utf-8"),
+            created_at=datetime.now(UTC),
+        )
+        .returning(_TABLE.c.id)
+    )
+    new_id = int(result.scalar_one())
+    session.info.setdefault(SESSION_OUTBOX_IDS, []).append(new_id)
+    return new_id
+
+
+async def load(session: AsyncSession, ids: Sequence[int]) -> list[OutboxMessage]:
+    if not ids:
+        return []
+    rows = await session.execute(
+        select(OutboxMessage)
+        .where(OutboxMessage.id.in_(list(ids)), OutboxMessage.published_at.is_(None))  # type: ignore[union-attr]
+        .order_by(OutboxMessage.id)  # type: ignore[arg-type]
+    )
+    return list(rows.scalars())
+
+
+async def stale(session: AsyncSession, older_than_s: float, limit: int) -> list[OutboxMessage]:
+    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+    rows = await session.execute(
+        select(OutboxMessage)
+        .where(OutboxMessage.published_at.is_(None), OutboxMessage.created_at < cutoff)  # type: ignore[union-attr,operator]
+        .order_by(OutboxMessage.id)  # type: ignore[arg-type]
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def mark_published(session: AsyncSession, ids: Sequence[int]) -> None:
+    if ids:
+        await session.execute(
+            update(_TABLE).where(_TABLE.c.id.in_(list(ids))).values(published_at=datetime.now(UTC))
+        )
+
+
+async def pending_count(session: AsyncSession) -> int:
+    rows = await session.execute(select(_TABLE.c.id).where(_TABLE.c.published_at.is_(None)))
+    return len(rows.all())

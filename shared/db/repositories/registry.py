@@ -1,0 +1,144 @@
+"""Orchestrator registry projection: registrations and health snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts.events import HealthReportV1, OrchestratorRegisteredV1
+from shared.db.models import Orchestrator
+from shared.registry_rules import cooldown_active, eligible_for_payments, services_up
+
+
+async def get(session: AsyncSession, orchestrator_id: str) -> Orchestrator | None:
+    return await session.get(Orchestrator, orchestrator_id)
+
+
+async def by_address(session: AsyncSession, address: str) -> Orchestrator | None:
+    rows = await session.execute(select(Orchestrator).where(Orchestrator.address == address))
+    return rows.scalars().first()
+
+
+async def get_many(session: AsyncSession, ids: Iterable[str]) -> dict[str, Orchestrator]:
+    wanted = list(set(ids))
+    if not wanted:
+        return {}
+    rows = await session.execute(
+        select(Orchestrator).where(Orchestrator.orchestrator_id.in_(wanted))  # type: ignore[attr-defined]
+    )
+    return {row.orchestrator_id: row for row in rows.scalars()}
+
+
+async def list_all(session: AsyncSession) -> list[Orchestrator]:
+    rows = await session.execute(select(Orchestrator).order_by(Orchestrator.registration_order))
+    return list(rows.scalars())
+
+
+def _later(current: datetime | None, candidate: datetime) -> datetime:
+    return candidate if current is None or candidate > current else current
+
+
+def _reject(status: int, detail: str) -> dict[str, Any]:
+    return {"status": status, "body": {"detail": detail}}
+
+
+async def apply_registration(
+    session: AsyncSession,
+    event: OrchestratorRegisteredV1,
+    stream_seq: int,
+    denylist: frozenset[str],
+) -> dict[str, Any]:
+    """Apply one registration decision; returns the command's answer (status and body).
+
+    Called strictly in stream order, so conflicts resolve the same way on every replay.
+    """
+    existing = await get(session, event.orchestrator_id)
+    if event.address in denylist:
+        if existing is not None:
+            existing.denylisted = True
+            existing.eligible_for_payments = False
+        return _reject(403, "Address is denylisted and cannot register")
+    owner = await by_address(session, event.address)
+    if owner is not None and owner.orchestrator_id != event.orchestrator_id:
+        return _reject(409, "Address already registered to a different orchestrator")
+    if existing is not None and existing.address != event.address:
+        return _reject(
+            409, "Existing orchestrator attempted to change address; this is not allowed"
+        )
+    first_registration = existing is None
+    record = existing or Orchestrator(
+        orchestrator_id=event.orchestrator_id,
+        address=event.address,
+        registration_order=stream_seq,
+        first_seen=event.registered_at,
+    )
+    _apply_metadata(record, event)
+    record.registration_count += 1
+    record.last_seen = _later(record.last_seen, event.registered_at)
+    record.last_seen_ip = event.request_ip or event.metadata.host_public_ip or record.last_seen_ip
+    record.last_contact_source = "registration"
+    if event.is_top_100 is not None:
+        record.is_top_100 = event.is_top_100
+    if record.cooldown_expires_at is not None and not cooldown_active(record, event.registered_at):
+        record.cooldown_expires_at = None
+    record.denylisted = False
+    record.eligible_for_payments = eligible_for_payments(record, event.registered_at)
+    if event.metadata.services_healthy:
+        record.last_healthy_at = _later(record.last_healthy_at, event.registered_at)
+    session.add(record)
+    await session.flush()
+    message = "Registered orchestrator" if first_registration else "Registration refreshed"
+    if cooldown_active(record, event.registered_at):
+        message += " (cooldown active)"
+    return {
+        "status": 200,
+        "first_registration": first_registration,
+        "body": {
+            "orchestrator_id": record.orchestrator_id,
+            "address": record.address,
+            "eligible_for_payments": record.eligible_for_payments,
+            "is_top_100": record.is_top_100,
+            "denylisted": record.denylisted,
+            "registration_count": record.registration_count,
+            "cooldown_expires_at": record.cooldown_expires_at.isoformat()
+            if record.cooldown_expires_at
+            else None,
+            "message": message,
+        },
+    }
+
+
+def _apply_metadata(record: Orchestrator, event: OrchestratorRegisteredV1) -> None:
+    """Non-empty metadata overrides stored values, as in the original."""
+    for name, value in event.metadata.model_dump(exclude_none=True).items():
+        if name == "services_healthy":
+            continue
+        if value in ("", []):
+            continue
+        setattr(record, name, value)
+
+
+def apply_health_report(record: Orchestrator, report: HealthReportV1) -> bool:
+    """Store the snapshot if it is newer than the one held; returns whether anything changed.
+
+    Reports are applied newest-wins by their receive time, so redelivery or a replay in a
+    different order ends in the same state.
+    """
+    current = record.forwarder_health_reported_at
+    if current is not None and report.received_at <= current:
+        return False
+    record.forwarder_health_source = report.source
+    record.forwarder_health_reported_at = report.received_at
+    record.forwarder_health_data = report.data
+    up = services_up(report.data)
+    if up is not None and up > 0:
+        record.last_seen = _later(record.last_seen, report.received_at)
+        reported_ip = report.data.get("ip")
+        if isinstance(reported_ip, str) and reported_ip:
+            record.last_seen_ip = reported_ip[:64]
+        record.last_contact_source = report.source
+    return True

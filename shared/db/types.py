@@ -1,0 +1,61 @@
+"""Column types that keep money exact and time in UTC on both SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import DateTime, Numeric, String
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+# uint256 has 78 decimal digits; a signed balance needs one more character for the sign.
+WEI_DIGITS = 78
+
+
+class Wei(TypeDecorator[int]):
+    """An integer amount in wei, of any size.
+
+    PostgreSQL stores NUMERIC(78, 0). SQLite's INTEGER stops at 2**63 (about 9.2 ETH) and silently
+    turns larger numbers into floats, so on SQLite the value is stored as decimal text and all
+    arithmetic happens in Python.
+    """
+
+    impl = String(WEI_DIGITS + 1)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(WEI_DIGITS, 0))
+        return dialect.type_descriptor(String(WEI_DIGITS + 1))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"wei amounts are ints, got {type(value).__name__}")
+        return value if dialect.name == "postgresql" else str(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        return int(value)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime; stored without zone, always read back as UTC."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass a UTC-aware datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)

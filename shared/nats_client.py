@@ -1,0 +1,66 @@
+"""Connections to NATS, one user per role (see nats.conf): ingress, worker, ops."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import nats
+from nats.aio.client import Client as NatsClient
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from shared.settings import Settings
+
+Role = Literal["ingress", "worker", "ops"]
+
+# Initial connection attempts are bounded; once connected the client reconnects forever.
+INITIAL_CONNECT_DEADLINE_S = 30.0
+RECONNECT_WAIT_S = 0.5
+CONNECT_TIMEOUT_S = 2.0
+
+log = logging.getLogger(__name__)
+
+
+def credentials(settings: Settings, role: Role) -> dict[str, str]:
+    secret = {
+        "ingress": settings.nats_ingress_password,
+        "worker": settings.nats_worker_password,
+        "ops": settings.nats_ops_password,
+    }[role]
+    if secret is None or not secret.get_secret_value():
+        return {}
+    return {"user": role, "password": secret.get_secret_value()}
+
+
+def connect_options(settings: Settings, role: Role, name: str) -> dict[str, Any]:
+    return {
+        "servers": [url.strip() for url in settings.resolved_nats_url.split(",")],
+        "name": name,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": RECONNECT_WAIT_S,
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        **credentials(settings, role),
+    }
+
+
+async def _quiet_error(error: Exception) -> None:
+    log.warning("nats connection problem: %s", type(error).__name__)
+
+
+async def connect_once(settings: Settings, role: Role, name: str) -> NatsClient:
+    return await nats.connect(
+        **connect_options(settings, role, name),
+        error_cb=_quiet_error,
+    )
+
+
+@retry(
+    stop=stop_after_delay(INITIAL_CONNECT_DEADLINE_S),
+    wait=wait_fixed(RECONNECT_WAIT_S),
+    retry=retry_if_exception_type((OSError, nats.errors.NoServersError, TimeoutError)),
+    reraise=True,
+)
+async def connect(settings: Settings, role: Role, name: str) -> NatsClient:
+    """Connect, retrying for a bounded time so a stack that starts all at once settles."""
+    return await connect_once(settings, role, name)

@@ -1,0 +1,186 @@
+"""Settings from the environment, keeping the original service's variable names.
+
+`load_settings()` turns a misconfiguration into one clear line and exit code 2, so a bad
+deployment stops at start-up instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_API_PORT = 8081
+DEFAULT_EMBEDDED_NATS_PORT = 4322
+ADDRESS_LENGTH = 42
+
+
+def _split_list(value: Any) -> list[str]:
+    """Comma- or space-separated lists, as the original accepted them."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return [str(item).strip() for item in value if str(item).strip()]
+    text = str(value).replace(",", " ")
+    return [item for item in text.split() if item]
+
+
+def _env(*names: str) -> Any:
+    """A setting read from a variable without the PAYMENTS_ prefix (the original's names)."""
+    return Field(default=None, validation_alias=AliasChoices(*names))
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PAYMENTS_", extra="ignore", frozen=True)
+
+    # Where things live.
+    data_dir: Path = Path("./data")
+    database_url: str | None = None
+    nats_url: str | None = None
+    embedded_nats_port: int = Field(default=DEFAULT_EMBEDDED_NATS_PORT, ge=1, le=65535)
+    nats_ingress_password: SecretStr | None = None
+    nats_worker_password: SecretStr | None = None
+    nats_ops_password: SecretStr | None = None
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    # HTTP.
+    api_host: str = "0.0.0.0"
+    api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
+    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    log_level: str = "INFO"
+
+    # Auth.
+    api_admin_token: SecretStr | None = None
+    viewer_tokens: StrList = Field(default_factory=list)
+    session_reporter_token: SecretStr | None = None
+    insecure_dev_mode: bool = False
+    trusted_proxy_cidrs: StrList = Field(default_factory=list)
+    manager_ip_allowlist: StrList = Field(default_factory=list)
+
+    # Registry.
+    forwarder_health_ttl_seconds: float = Field(default=120.0, gt=0)
+    session_idle_timeout_seconds: float = Field(default=120.0, gt=0)
+    bootstrap_orchestrators: str | None = None
+    bootstrap_orchestrators_path: Path | None = None
+    bootstrap_skip_rank_validation: bool = True
+    single_orchestrator_mode: bool = False
+    single_orchestrator_id: str | None = _env("ORCHESTRATOR_ID")
+    single_orchestrator_address: str | None = _env("ORCHESTRATOR_ADDRESS")
+    address_denylist: StrList = Field(default_factory=list)
+    registration_per_minute: int = Field(default=5, ge=1)
+    registration_burst: int = Field(default=5, ge=1)
+    audit_log_path: Path | None = None
+
+    # Rank check against the Livepeer BondingManager transcoder pool.
+    top_contract_address: str | None = _env("TOP_CONTRACT_ADDRESS")
+    top_cache_ttl_seconds: float = Field(
+        default=300.0, gt=0, validation_alias="TOP_CACHE_TTL_SECONDS"
+    )
+    eth_rpc_url: str = Field(default="http://localhost:8545", validation_alias="ETH_RPC_URL")
+    eth_chain_id: int = Field(default=42161, validation_alias="ETH_CHAIN_ID")
+
+    @field_validator("viewer_tokens", "trusted_proxy_cidrs", "manager_ip_allowlist", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> list[str]:
+        return _split_list(value)
+
+    @field_validator("address_denylist", mode="before")
+    @classmethod
+    def _denylist(cls, value: Any) -> list[str]:
+        addresses = sorted({item.lower() for item in _split_list(value)})
+        for address in addresses:
+            if len(address) != ADDRESS_LENGTH or not address.startswith("0x"):
+                raise ValueError(f"not a 0x-prefixed 40-hex-digit address: {address}")
+            int(address, 16)
+        return addresses
+
+    @field_validator("trusted_proxy_cidrs", "manager_ip_allowlist")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            ipaddress.ip_network(item, strict=False)
+        return value
+
+    @field_validator("bootstrap_orchestrators")
+    @classmethod
+    def _bootstrap_json(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            json.loads(value)
+        return value
+
+    @cached_property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "payments.db"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.sqlite_path.resolve()}"
+
+    @property
+    def resolved_nats_url(self) -> str:
+        return self.nats_url or f"nats://127.0.0.1:{self.embedded_nats_port}"
+
+    @property
+    def resolved_bootstrap_path(self) -> Path:
+        return self.bootstrap_orchestrators_path or self.data_dir / "orchestrators.json"
+
+    @property
+    def resolved_audit_dir(self) -> Path:
+        return self.data_dir / "audit"
+
+    @property
+    def admin_token_configured(self) -> bool:
+        return bool(self.api_admin_token and self.api_admin_token.get_secret_value())
+
+    def check_consistency(self) -> None:
+        """Cross-field rules that pydantic's per-field validation cannot express."""
+        if self.single_orchestrator_mode and not (
+            self.single_orchestrator_id and self.single_orchestrator_address
+        ):
+            raise ValueError(
+                "PAYMENTS_SINGLE_ORCHESTRATOR_MODE needs ORCHESTRATOR_ID and ORCHESTRATOR_ADDRESS"
+            )
+
+
+class ConfigurationError(Exception):
+    """Raised instead of exiting when a caller (a test) wants to see the message."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "settings"
+    env_name = location if location.isupper() else f"PAYMENTS_{location.upper()}"
+    return f"configuration error: {env_name}: {first['msg']}"
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Build settings or raise ConfigurationError with one line that names the variable."""
+    try:
+        settings = Settings(**overrides)
+        settings.check_consistency()
+    except ValidationError as error:
+        raise ConfigurationError(describe_validation_error(error)) from None
+    except ValueError as error:
+        raise ConfigurationError(f"configuration error: {error}") from None
+    return settings
+
+
+def load_settings() -> Settings:
+    """Settings for a process entry point: a misconfiguration exits with one clear line."""
+    try:
+        return build_settings()
+    except ConfigurationError as error:
+        print(str(error), file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,155 @@
+"""What every worker process shares: the FastStream app, the database, NATS, logs and metrics.
+
+A worker module builds one `WorkerRuntime`, registers its handlers with `runtime.consume(spec)`
+(durable pull consumer, batches, manual acks) or `runtime.broker.subscriber(..., queue=...)`
+(request-reply commands), and exposes `app = runtime.app` for `faststream run workers.<role>:app`.
+
+SIGTERM and Ctrl-C stop fetching, let the batch in hand commit and ack (up to GRACEFUL_DRAIN_S),
+then close the connections.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.security import SASLPlaintext
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from contracts.streams import ConsumerSpec
+from shared.db.engine import make_engine
+from shared.db.migrate import require_schema_at_head
+from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
+from shared.observability import configure_logging, start_metrics_server
+from shared.provisioning import consumer_config
+from shared.settings import Settings
+
+# Time a stopping worker gives its in-flight batch to commit and ack.
+GRACEFUL_DRAIN_S = 20.0
+
+log = logging.getLogger(__name__)
+
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+class MissingConsumer(RuntimeError):
+    pass
+
+
+async def _raw_body(message: Any) -> Any:
+    # The handlers decode and validate bodies themselves; FastStream must not parse them (its
+    # error logs would print the body) nor validate them (that would skip our dead letters).
+    return message.body
+
+
+class WorkerRuntime:
+    def __init__(self, role: str, settings: Settings) -> None:
+        self.role = role
+        self.settings = settings
+        self.consumer_specs: list[ConsumerSpec] = []
+        self.sessionmaker: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            expire_on_commit=False
+        )
+        self._engine: AsyncEngine | None = None
+        self._nc: NatsClient | None = None
+        creds = credentials(settings, "worker")
+        self.broker = NatsBroker(
+            servers=[url.strip() for url in settings.resolved_nats_url.split(",")],
+            name=f"payments-{role}",
+            security=SASLPlaintext(username=creds["user"], password=creds["password"])
+            if creds
+            else None,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT_S,  # type: ignore[arg-type]
+            graceful_timeout=GRACEFUL_DRAIN_S,
+            logger=logging.getLogger(f"faststream.{role}"),
+            decoder=_raw_body,
+        )
+        self.app = FastStream(
+            self.broker,
+            logger=logging.getLogger(f"faststream.{role}"),
+            on_startup=[self._startup],
+            after_startup=[],
+            on_shutdown=[self._shutdown],
+        )
+        self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    # -- resources ----------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("the worker has not started")
+        return self._engine
+
+    @property
+    def nc(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("the worker has not started")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+    async def _startup(self) -> None:
+        configure_logging(self.role, self.settings.log_level)
+        self._engine = make_engine(self.settings.resolved_database_url, writer=True)
+        self.sessionmaker.configure(bind=self._engine)
+        await require_schema_at_head(self._engine)
+        self._nc = await connect(self.settings, "worker", f"payments-{self.role}-publisher")
+        await self._require_consumers()
+        start_metrics_server(self.settings.metrics_port)
+        for hook in self.startup_hooks:
+            await hook()
+        log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
+
+    async def _shutdown(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+        if self._engine is not None:
+            await self._engine.dispose()
+        log.info("worker stopped")
+
+    async def _require_consumers(self) -> None:
+        for spec in self.consumer_specs:
+            try:
+                await self.js.consumer_info(spec.stream, spec.durable)
+            except NotFoundError:
+                raise MissingConsumer(
+                    f"consumer {spec.stream}/{spec.durable} is missing: "
+                    "run `payments nats provision`"
+                ) from None
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    def consume(self, spec: ConsumerSpec) -> Callable[[BatchHandler], BatchHandler]:
+        """Register `handler` for batches of the durable pull consumer `spec`."""
+        self.consumer_specs.append(spec)
+
+        def decorate(handler: BatchHandler) -> BatchHandler:
+            @self.broker.subscriber(
+                spec.filter_subject,
+                stream=JStream(name=spec.stream, declare=False),
+                durable=spec.durable,
+                config=consumer_config(spec),
+                pull_sub=PullSub(
+                    batch_size=spec.batch_size, timeout=spec.fetch_timeout_s, batch=True
+                ),
+                ack_policy=AckPolicy.MANUAL,
+                title=f"{spec.stream}/{spec.durable}",
+                description=spec.description,
+            )
+            async def on_batch(body: Any, message: NatsMessage) -> None:
+                await handler(list(message.raw_message))
+
+            return handler
+
+        return decorate

@@ -1,0 +1,1 @@
+"""One module per worker role; each is a FastStream app: `faststream run workers.<role>:app`."""

@@ -1,0 +1,297 @@
+"""Registry worker: the orchestrator registry, fed by registrations and health reports.
+
+Consumes
+  - REGISTRY `registry.events.<id>` through durable `registry-events`, strictly in stream order
+    (max_ack_pending 1), so address conflicts are decided the same way on every replay.
+  - HEALTH `health.reports.<id>` through durable `registry-health`, in batches.
+  - core NATS requests on `registry.commands.register` (queue group `registry`): the public
+    registration command, answered to the api.
+
+Produces
+  - REGISTRY events: registrations that passed the rank check, and the bootstrap and
+    single-mode registrations this worker publishes when it starts.
+  - AUDIT `audit.registry.<event>` (register, register_denied) through the outbox.
+
+Guarantee
+  Each event changes the projection at most once (its event key is in the inbox, written in the
+  same transaction); a health snapshot is kept newest-first by its ingress receive time, so
+  redelivery and replay order do not matter. Time comes from the events, never the wall clock.
+
+Limits
+  A health report for an orchestrator the projection does not know yet is retried with backoff
+  (its registration may still be in flight) and dead-lettered after MAX_ATTEMPTS deliveries.
+  Registration answers wait at most REGISTRATION_APPLY_WAIT_S for the event to be applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from faststream.nats import NatsMessage
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from contracts import subjects
+from contracts.commands import COMMAND_TIMEOUT_S, CommandReply, RegisterCommandV1
+from contracts.events import AuditEventV1, HealthReportV1, OrchestratorRegisteredV1
+from contracts.http import RegisterRequest
+from contracts.streams import (
+    AUDIT,
+    REGISTRY,
+    REGISTRY_EVENTS_CONSUMER,
+    REGISTRY_HEALTH_CONSUMER,
+)
+from shared.bootstrap import bootstrap_requests
+from shared.db.repositories import inbox, ledger, outbox, registry
+from shared.event_consumer import Decoded, EventConsumer, Outcome
+from shared.money import wei_to_eth
+from shared.outbox_relay import OutboxRelay
+from shared.publishing import publish_event
+from shared.rank import RankUnknown, TopOrchestrators
+from shared.settings import load_settings
+from shared.worker_app import WorkerRuntime
+
+# The registration command answers within the api's COMMAND_TIMEOUT_S.
+REGISTRATION_APPLY_WAIT_S = COMMAND_TIMEOUT_S - 2.0
+REGISTRATION_POLL_S = 0.02
+
+log = logging.getLogger(__name__)
+
+settings = load_settings()
+runtime = WorkerRuntime("registry", settings)
+app = runtime.app
+DENYLIST = frozenset(settings.address_denylist)
+top_orchestrators = TopOrchestrators(
+    settings.eth_rpc_url, settings.top_contract_address, settings.top_cache_ttl_seconds
+)
+
+
+# -- projections ----------------------------------------------------------------------------
+
+
+class RegistrationProjector:
+    async def apply(
+        self, session: AsyncSession, items: Sequence[Decoded[OrchestratorRegisteredV1]]
+    ) -> list[Outcome]:
+        outcomes = []
+        for item in items:
+            answer = await registry.apply_registration(
+                session, item.event, item.delivery.stream_seq, DENYLIST
+            )
+            await self._audit(session, item, answer)
+            outcomes.append(Outcome.done(answer))
+        return outcomes
+
+    async def _audit(
+        self, session: AsyncSession, item: Decoded[OrchestratorRegisteredV1], answer: dict[str, Any]
+    ) -> None:
+        event = item.event
+        if answer["status"] == 200:
+            body = answer["body"]
+            name, fields = (
+                "register",
+                {
+                    "orchestrator_id": event.orchestrator_id,
+                    "address": event.address,
+                    "origin": event.origin,
+                    "first_registration": answer["first_registration"],
+                    "registration_count": body["registration_count"],
+                    "is_top_100": body["is_top_100"],
+                    "eligible_for_payments": body["eligible_for_payments"],
+                    "denylisted": body["denylisted"],
+                },
+            )
+        elif answer["status"] == 403:
+            name, fields = (
+                "register_denied",
+                {
+                    "orchestrator_id": event.orchestrator_id,
+                    "address": event.address,
+                    "origin": event.origin,
+                },
+            )
+        else:
+            return
+        audit = AuditEventV1(domain="registry", event=name, at=event.registered_at, fields=fields)
+        await outbox.add(
+            session,
+            stream=AUDIT.name,
+            subject=subjects.audit("registry", name),
+            event=audit,
+            key=f"audit:{item.key}",
+        )
+
+
+class HealthProjector:
+    async def apply(
+        self, session: AsyncSession, items: Sequence[Decoded[HealthReportV1]]
+    ) -> list[Outcome]:
+        records = await registry.get_many(session, (i.event.orchestrator_id for i in items))
+        outcomes = []
+        for item in items:
+            record = records.get(item.event.orchestrator_id)
+            if record is None:
+                outcomes.append(Outcome.retry("unknown orchestrator"))
+                continue
+            changed = registry.apply_health_report(record, item.event)
+            outcomes.append(Outcome.done({"stored": changed}))
+        return outcomes
+
+
+relay: OutboxRelay | None = None
+registrations = EventConsumer(
+    consumer=REGISTRY_EVENTS_CONSUMER.durable,
+    schemas={OrchestratorRegisteredV1.SCHEMA: OrchestratorRegisteredV1},
+    projector=RegistrationProjector(),
+    sessionmaker=runtime.sessionmaker,
+)
+health_reports = EventConsumer(
+    consumer=REGISTRY_HEALTH_CONSUMER.durable,
+    schemas={HealthReportV1.SCHEMA: HealthReportV1},
+    projector=HealthProjector(),
+    sessionmaker=runtime.sessionmaker,
+)
+
+
+@runtime.consume(REGISTRY_EVENTS_CONSUMER)
+async def on_registry_events(messages: list[Msg]) -> None:
+    await registrations.handle(messages)
+
+
+@runtime.consume(REGISTRY_HEALTH_CONSUMER)
+async def on_health_reports(messages: list[Msg]) -> None:
+    await health_reports.handle(messages)
+
+
+# -- the registration command -----------------------------------------------------------------
+
+
+def registration_key(request: RegisterRequest, origin: str, at: datetime | None) -> str:
+    digest = hashlib.sha256(request.model_dump_json().encode("utf-8")).hexdigest()[:24]
+    stamp = at.isoformat() if at else "config"
+    return f"register:{origin}:{request.orchestrator_id}:{stamp}:{digest}"
+
+
+def registered_event(
+    request: RegisterRequest,
+    *,
+    origin: str,
+    is_top_100: bool | None,
+    request_ip: str | None,
+    at: datetime,
+) -> OrchestratorRegisteredV1:
+    metadata = request.model_dump(exclude={"orchestrator_id", "address"})
+    return OrchestratorRegisteredV1(
+        orchestrator_id=request.orchestrator_id,
+        address=request.address.lower(),
+        origin=origin,  # type: ignore[arg-type]
+        is_top_100=is_top_100,
+        metadata=metadata,  # type: ignore[arg-type]
+        request_ip=request_ip,
+        registered_at=at,
+    )
+
+
+async def publish_registration(event: OrchestratorRegisteredV1, key: str) -> None:
+    await publish_event(
+        runtime.js,
+        stream=REGISTRY.name,
+        subject=subjects.registry_event(event.orchestrator_id),
+        event=event,
+        key=key,
+    )
+
+
+async def wait_for_outcome(key: str) -> dict[str, Any] | None:
+    deadline = asyncio.get_running_loop().time() + REGISTRATION_APPLY_WAIT_S
+    while asyncio.get_running_loop().time() < deadline:
+        async with runtime.sessionmaker() as session:
+            found = await inbox.outcome_of(session, REGISTRY_EVENTS_CONSUMER.durable, key)
+        if found is not None:
+            return found
+        await asyncio.sleep(REGISTRATION_POLL_S)
+    return None
+
+
+def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    return CommandReply(status=status, body=body).model_dump()
+
+
+@runtime.broker.subscriber(subjects.REGISTER_COMMAND, queue="registry")
+async def on_register_command(body: Any, message: NatsMessage) -> dict[str, Any]:
+    try:
+        command = RegisterCommandV1.model_validate_json(message.body)
+    except ValueError:
+        return reply(400, {"detail": "Malformed registration command"})
+    request = command.request
+    if request.address.lower() in DENYLIST:
+        # Published too, so the denial is audited and a denylisted record is flagged.
+        event = registered_event(
+            request,
+            origin="public",
+            is_top_100=None,
+            request_ip=command.request_ip,
+            at=command.received_at,
+        )
+    else:
+        try:
+            in_top = await top_orchestrators.contains(request.address)
+        except RankUnknown:
+            return reply(503, {"detail": "Unable to validate orchestrator rank at this time"})
+        if not in_top:
+            return reply(403, {"detail": "Address is not part of the current top orchestrators"})
+        event = registered_event(
+            request,
+            origin="public",
+            is_top_100=True,
+            request_ip=command.request_ip,
+            at=command.received_at,
+        )
+    key = registration_key(request, "public", command.received_at)
+    await publish_registration(event, key)
+    outcome = await wait_for_outcome(key)
+    if outcome is None:
+        return reply(503, {"detail": "Registration accepted but not applied yet; retry shortly"})
+    answer_body = dict(outcome["body"])
+    if outcome["status"] == 200:
+        answer_body["balance_eth"] = await balance_eth(request.orchestrator_id)
+    return reply(int(outcome["status"]), answer_body)
+
+
+async def balance_eth(orchestrator_id: str) -> str:
+    async with runtime.sessionmaker() as session:
+        return wei_to_eth(await ledger.balance_wei(session, orchestrator_id))
+
+
+# -- bootstrap --------------------------------------------------------------------------------
+
+
+async def publish_bootstrap() -> None:
+    """Publish the configured bootstrap registrations; unchanged entries dedupe on their key."""
+    origin = "single" if settings.single_orchestrator_mode else "bootstrap"
+    at = datetime.now(UTC)
+    for request in bootstrap_requests(settings):
+        is_top = (
+            None
+            if settings.bootstrap_skip_rank_validation
+            else await top_orchestrators.contains(request.address)
+        )
+        event = registered_event(request, origin=origin, is_top_100=is_top, request_ip=None, at=at)
+        await publish_registration(event, registration_key(request, origin, None))
+    log.info("bootstrap registrations published")
+
+
+async def start_outbox() -> None:
+    global relay
+    relay = OutboxRelay(runtime.sessionmaker, runtime.js, "registry")
+    registrations.relay = relay
+    health_reports.relay = relay
+    relay.start_sweeper()
+
+
+runtime.startup_hooks += [start_outbox, publish_bootstrap]

@@ -1,0 +1,6 @@
+"""Every worker role, by module name: `faststream run workers.<role>:app`.
+
+The embedded stack starts one copy of each; docker-compose.yml has one service per role.
+"""
+
+ROLES: tuple[str, ...] = ("registry",)
