@@ -1,8 +1,9 @@
 """Is an address among the top orchestrators? Read from the Livepeer BondingManager pool.
 
 The pool is walked with `getFirstTranscoderInPool` / `getNextTranscoderInPool` (up to
-TOP_POOL_SIZE_MAX entries) and cached for TOP_CACHE_TTL_SECONDS. A failed refresh falls back
-to the stale cache; with nothing cached, the answer is unknown and registration answers 503.
+TOP_POOL_SIZE_MAX entries) and cached for TOP_CACHE_TTL_SECONDS. A failed refresh, or one
+still running after TOP_REFRESH_WAIT_S, falls back to the stale cache; with nothing cached, the
+answer is unknown and registration answers 503.
 The original's hosted-subgraph and explorer fallbacks are gone: they were unordered and
 arbitrarily truncated (original-behaviour §12 item 11).
 """
@@ -15,8 +16,15 @@ import time
 
 from web3 import AsyncHTTPProvider, AsyncWeb3
 
+from contracts.commands import COMMAND_TIMEOUT_S
+
 TOP_POOL_SIZE_MAX = 100
 RPC_TIMEOUT_S = 10.0
+# A caller waits at most this long for a refresh, so a registration can still be published and
+# applied within the api's COMMAND_TIMEOUT_S. The web3 provider retries a failed call and each
+# call may take RPC_TIMEOUT_S, so a hung node would otherwise hold the caller for about a minute.
+# A refresh that takes longer keeps running and fills the cache when it finishes.
+TOP_REFRESH_WAIT_S = COMMAND_TIMEOUT_S / 2
 ZERO_ADDRESS = "0x" + "00" * 20
 
 POOL_ABI = [
@@ -52,25 +60,31 @@ class TopOrchestrators:
         )
         self._cached: frozenset[str] | None = None
         self._cached_at = 0.0
-        self._lock = asyncio.Lock()
+        # The one refresh in flight; concurrent callers wait on it together.
+        self._refresh: asyncio.Task[frozenset[str]] | None = None
 
     async def contains(self, address: str) -> bool:
         return address.lower() in await self.top_set()
 
     async def top_set(self) -> frozenset[str]:
-        async with self._lock:
-            if self._cached is not None and time.monotonic() - self._cached_at < self.ttl_s:
-                return self._cached
-            try:
-                self._cached = await self._walk_pool()
-                self._cached_at = time.monotonic()
-            except Exception as error:
-                if self._cached is None:
-                    raise RankUnknown(str(error) or type(error).__name__) from None
-                log.warning(
-                    "rank refresh failed; using the stale top set", extra={"error": str(error)}
-                )
+        if self._cached is not None and time.monotonic() - self._cached_at < self.ttl_s:
             return self._cached
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refresh_cache())
+        try:
+            # shield: a caller giving up does not cancel the refresh.
+            return await asyncio.wait_for(asyncio.shield(self._refresh), TOP_REFRESH_WAIT_S)
+        except Exception as error:
+            reason = str(error) or type(error).__name__
+            if self._cached is None:
+                raise RankUnknown(reason) from None
+            log.warning("rank refresh failed; using the stale top set", extra={"error": reason})
+            return self._cached
+
+    async def _refresh_cache(self) -> frozenset[str]:
+        members = await self._walk_pool()
+        self._cached, self._cached_at = members, time.monotonic()
+        return members
 
     async def _walk_pool(self) -> frozenset[str]:
         if not self.contract_address:

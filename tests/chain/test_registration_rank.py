@@ -211,3 +211,25 @@ async def test_registration_uses_the_stale_top_set_when_the_node_is_down(
     (row,) = await orchestrators(db_sessions)
     assert (row.orchestrator_id, row.registration_count, row.is_top_100) == ("orch-a", 2, True)
     assert "rank refresh failed; using the stale top set" in stack.worker.log_text()
+
+
+async def test_registration_uses_the_stale_top_set_when_the_node_hangs(
+    start_stack: StartStack,
+    pool_double: PoolDouble,
+    anvil: Anvil,
+    http: aiohttp.ClientSession,
+    db_sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    ttl_s = 1.0
+    pool_double.set_pool([TOP_A])
+    stack = start_stack(anvil.rpc_url, pool_double.address, ttl_s=ttl_s)
+    status, body = await register(http, stack, "orch-a", TOP_A)
+    assert (status, body) == (200, registered(1, "Registered orchestrator"))
+
+    anvil.pause()  # connections are accepted, nothing answers: a hung RPC provider
+    await asyncio.sleep(ttl_s * 1.5)
+
+    status, body = await register(http, stack, "orch-a", TOP_A)
+    assert (status, body) == (200, registered(2, "Registration refreshed"))
+    (row,) = await orchestrators(db_sessions)
+    assert row.registration_count == 2

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from shared.chain.devtools import Anvil
-from shared.rank import TOP_POOL_SIZE_MAX, RankUnknown, TopOrchestrators
+from shared.rank import TOP_POOL_SIZE_MAX, TOP_REFRESH_WAIT_S, RankUnknown, TopOrchestrators
 from tests.chain.helpers import PoolDouble, addresses
 
 LONG_TTL_S = 300.0
 SHORT_TTL_S = 0.2
 STALE_LOG = "rank refresh failed; using the stale top set"
+WAIT_SLACK_S = 1.0
 
 MakeTop = Callable[..., TopOrchestrators]
 
@@ -146,3 +148,41 @@ async def test_rank_is_unknown_without_a_contract_or_with_no_code_there(
     # A misconfigured address (no contract there) is unknown, never an empty top set.
     with pytest.raises(RankUnknown):
         await make_top(anvil.rpc_url, addresses("no-code", 1)[0]).top_set()
+
+
+async def test_a_hung_node_falls_back_to_the_stale_cache_within_the_refresh_wait(
+    pool_double: PoolDouble, anvil: Anvil, make_top: MakeTop
+) -> None:
+    before, after = addresses("before", 2), addresses("after", 2)
+    pool_double.set_pool(before)
+    top = make_top(anvil.rpc_url, pool_double.address, ttl_s=SHORT_TTL_S)
+    warm = await top.top_set()
+    pool_double.set_pool(after)
+
+    anvil.pause()  # accepts connections, never answers
+    await asyncio.sleep(SHORT_TTL_S * 1.5)
+    started = time.monotonic()
+    stale = await top.top_set()
+    assert time.monotonic() - started < TOP_REFRESH_WAIT_S + WAIT_SLACK_S
+    assert stale == warm
+
+    # The refresh was not abandoned: once the node answers, it lands in the cache.
+    anvil.resume()
+    deadline = time.monotonic() + TOP_REFRESH_WAIT_S
+    while await top.contains(after[0]) is False and time.monotonic() < deadline:
+        await asyncio.sleep(SHORT_TTL_S)
+    assert await top.contains(after[0]) is True
+
+
+async def test_a_hung_node_with_nothing_cached_is_unknown_within_the_refresh_wait(
+    pool_double: PoolDouble, anvil: Anvil, make_top: MakeTop
+) -> None:
+    pool_double.set_pool(addresses("top", 2))
+    top = make_top(anvil.rpc_url, pool_double.address)
+    anvil.pause()
+
+    started = time.monotonic()
+    with pytest.raises(RankUnknown):
+        await top.top_set()
+    assert time.monotonic() - started < TOP_REFRESH_WAIT_S + WAIT_SLACK_S
+    anvil.resume()
