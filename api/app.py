@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import orchestrators, system
+from api import ledger, orchestrators, system, workloads
 from api.auth import Auth
 from api.context import CONTEXT, ApiContext
 from api.errors import error_middleware
@@ -28,6 +28,14 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/orchestrators", orchestrators.list_orchestrators)
     app.router.add_get("/api/orchestrators/{orchestrator_id}", orchestrators.get_orchestrator)
     app.router.add_post("/api/orchestrators/{orchestrator_id}/health", orchestrators.report_health)
+    app.router.add_get("/api/orchestrators/{orchestrator_id}/stats", ledger.orchestrator_stats)
+    app.router.add_post("/api/workloads/time", workloads.create_time_workload)
+    app.router.add_post("/api/workloads", workloads.create_workload)
+    app.router.add_get("/api/workloads", workloads.list_workloads)
+    app.router.add_get("/api/workloads/summary", workloads.workload_summary)
+    app.router.add_patch("/api/workloads/{workload_id}", workloads.update_workload)
+    app.router.add_post("/api/ledger/adjustments", ledger.create_adjustment)
+    app.router.add_get("/api/ledger/events", ledger.list_events)
 
 
 def create_app(settings: Settings) -> web.Application:

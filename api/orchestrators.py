@@ -11,7 +11,7 @@ from aiohttp import web
 
 from api.context import context
 from api.errors import NotFound, Relayed, TooManyRequests
-from api.parsing import idempotency_key, parse_body
+from api.parsing import idempotency_key, parse_body, path_id
 from contracts import subjects
 from contracts.commands import CommandReply, RegisterCommandV1
 from contracts.events import HealthReportV1
@@ -120,7 +120,7 @@ async def list_orchestrators(request: web.Request) -> web.Response:
 async def get_orchestrator(request: web.Request) -> web.Response:
     ctx = context(request)
     ctx.auth.require_viewer(request)
-    orchestrator_id = request.match_info["orchestrator_id"]
+    orchestrator_id = path_id(request, "orchestrator_id", "Not found")
     async with ctx.sessions() as session:
         row = await registry.get(session, orchestrator_id)
         if row is None:
@@ -148,7 +148,7 @@ def health_event_key(orchestrator_id: str, client_key: str | None, report: Healt
 async def report_health(request: web.Request) -> web.Response:
     ctx = context(request)
     ctx.auth.require_admin(request)
-    orchestrator_id = request.match_info["orchestrator_id"]
+    orchestrator_id = path_id(request, "orchestrator_id", "Unknown orchestrator")
     client_key = idempotency_key(request)
     body = await parse_body(request, HealthReportRequest)
     async with ctx.sessions() as session:

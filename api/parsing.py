@@ -5,13 +5,13 @@ Error messages name the field and the rule, never the submitted value.
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 
-from api.errors import BadRequest, PayloadTooLarge, Unprocessable
+from api.errors import BadRequest, NotFound, PayloadTooLarge, Unprocessable
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 MAX_IDEMPOTENCY_KEY_CHARS = 200
@@ -33,11 +33,38 @@ async def read_json(request: web.Request) -> Any:
     if not raw:
         raise BadRequest("Request body is empty; expected a JSON object")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRequest(
-            f"Malformed JSON body: {type(error).__name__} at position {getattr(error, 'pos', 0)}"
-        ) from None
+        # The workers' parser, with its limits (nesting, number size, surrogates): a body the
+        # ingress accepts is one a worker can decode. Its messages never echo the input.
+        document = from_json(raw)
+    except ValueError as error:
+        raise BadRequest(f"Malformed JSON body: {error}") from None
+    if contains_nul(document):
+        raise BadRequest("JSON strings must not contain NUL (\\u0000) characters")
+    return document
+
+
+def contains_nul(document: Any) -> bool:
+    """True when any key or string holds U+0000, which PostgreSQL text columns cannot store."""
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def path_id(request: web.Request, name: str, not_found: str) -> str:
+    """A path identifier; one that no record can have (a NUL character) is a 404 at once."""
+    value = request.match_info[name]
+    if "\x00" in value:
+        raise NotFound(not_found)
+    return value
 
 
 async def parse_body(request: web.Request, model: type[ModelT]) -> ModelT:

@@ -73,3 +73,86 @@ class AuditEventV1(EventModel):
     event: str = Field(min_length=1, max_length=64)
     at: UtcDatetime
     fields: dict[str, Any]
+
+
+WorkloadStatus = Literal["pending", "verified", "paid", "rejected"]
+
+
+class WorkloadTimeRecordedV1(EventModel):
+    """A time-based content workload, priced at the rate in force when the ingress received it."""
+
+    SCHEMA: ClassVar[str] = "workloads.time.v1"
+    workload_id: str = Field(min_length=1, max_length=255)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    duration_ms: int = Field(gt=0, le=86_400_000)
+    credit_eth_per_minute: str = Field(max_length=64)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    notes: str | None = Field(default=None, max_length=1024)
+    status: WorkloadStatus = "verified"
+    job_id: str | None = Field(default=None, max_length=255)
+    body_sha256: str = Field(min_length=64, max_length=64)
+    received_at: UtcDatetime
+
+
+class WorkloadSubmittedV1(EventModel):
+    """A fixed-price workload, stored pending; it is credited when an update verifies it."""
+
+    SCHEMA: ClassVar[str] = "workloads.fixed.v1"
+    workload_id: str = Field(min_length=1, max_length=255)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    payout_amount_wei: int = Field(gt=0)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    notes: str | None = Field(default=None, max_length=1024)
+    body_sha256: str = Field(min_length=64, max_length=64)
+    received_at: UtcDatetime
+
+
+class WorkloadUpdatedV1(EventModel):
+    """An admin's PATCH of a workload; only the fields given change."""
+
+    SCHEMA: ClassVar[str] = "workloads.update.v1"
+    workload_id: str = Field(min_length=1, max_length=255)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    status: WorkloadStatus | None = None
+    notes: str | None = Field(default=None, max_length=1024)
+    tx_hash: str | None = Field(default=None, max_length=128)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    received_at: UtcDatetime
+
+
+class LedgerAdjustmentV1(EventModel):
+    """An admin's adjustment: a signed amount with a reason, applied as its own ledger entry."""
+
+    SCHEMA: ClassVar[str] = "ledger.adjustment.v1"
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    amount_wei: int
+    reason: str = Field(min_length=1, max_length=256)
+    reference_workload_id: str | None = Field(default=None, max_length=256)
+    notes: str | None = Field(default=None, max_length=1024)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    corrects_entry_id: int | None = None
+    received_at: UtcDatetime
+
+
+class LedgerEntryV1(EventModel):
+    """A committed ledger entry, as published to the LEDGER stream for downstream readers."""
+
+    SCHEMA: ClassVar[str] = "ledger.entry.v1"
+    entry_id: int
+    entry_key: str
+    orchestrator_id: str
+    amount_wei: int
+    balance_after_wei: int
+    reason: str
+    source_stream: str
+    source_seq: int
+    source_key: str
+    metadata: dict[str, Any]
+    occurred_at: UtcDatetime

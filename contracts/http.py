@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ADDRESS_PATTERN = r"^0x[a-fA-F0-9]{40}$"
 MAX_MONITORED_SERVICES = 25
@@ -124,3 +125,80 @@ class OrchestratorRecord(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+WORKLOAD_STATUSES = ("pending", "verified", "paid", "rejected")
+
+
+class _ArtifactFields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workload_id: str = Field(min_length=1, max_length=255)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    notes: str | None = Field(default=None, max_length=1024)
+
+    @model_validator(mode="after")
+    def _needs_artifact(self) -> _ArtifactFields:
+        if not (self.artifact_hash or self.artifact_uri):
+            raise ValueError("artifact_hash or artifact_uri is required")
+        return self
+
+
+class WorkloadTimeRequest(_ArtifactFields):
+    duration_ms: int = Field(gt=0, le=86_400_000)
+    # Checked by the handler after the orchestrator lookup, as the original did (400, not 422).
+    status: str = Field(default="verified", max_length=32)
+
+
+class WorkloadCreateRequest(_ArtifactFields):
+    payout_amount_eth: Decimal = Field(gt=0)
+
+
+class WorkloadPatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["pending", "verified", "paid", "rejected"] | None = None
+    notes: str | None = Field(default=None, max_length=1024)
+    tx_hash: str | None = Field(default=None, max_length=128)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+
+
+class WorkloadRecord(BaseModel):
+    workload_id: str
+    orchestrator_id: str
+    plan_id: str | None
+    run_id: str | None
+    artifact_hash: str | None
+    artifact_uri: str | None
+    payout_amount_eth: str
+    status: str
+    submitted_at: datetime | None
+    notes: str | None
+    tx_hash: str | None
+    credited: bool
+    credited_at: datetime | None
+
+
+class AdjustmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    amount_eth: Decimal
+    reason: str = Field(default="adjustment", min_length=1, max_length=256)
+    reference_workload_id: str | None = Field(default=None, max_length=256)
+    notes: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("amount_eth")
+    @classmethod
+    def _non_zero_whole_wei(cls, value: Decimal) -> Decimal:
+        if not value.is_finite() or value == 0:
+            raise ValueError("amount_eth must be a non-zero number")
+        exponent = value.normalize().as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -18:
+            raise ValueError("amount_eth has more than 18 decimal places (smaller than 1 wei)")
+        return value

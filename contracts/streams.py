@@ -47,7 +47,9 @@ class ConsumerSpec:
     max_ack_pending: int = 4096
     ack_wait_s: float = ACK_WAIT_S
     max_deliver: int = MAX_DELIVER
-    fetch_timeout_s: float = 1.0
+    # A pull returns when its batch is full or this much time has passed since the first
+    # message: it bounds the latency of a lone event at idle.
+    fetch_timeout_s: float = 0.1
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,7 +114,19 @@ REGISTRY_EVENTS_CONSUMER = ConsumerSpec(
     max_ack_pending=1,
 )
 
-ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (REGISTRY_HEALTH_CONSUMER, REGISTRY_EVENTS_CONSUMER)
+LEDGER_WORKLOADS_CONSUMER = ConsumerSpec(
+    stream=WORKLOADS.name,
+    durable="ledger-workloads",
+    filter_subject=f"{subjects.WORKLOADS}.>",
+    description="Ledger worker: credits workloads and applies adjustments.",
+    batch_size=512,
+)
+
+ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
+    REGISTRY_HEALTH_CONSUMER,
+    REGISTRY_EVENTS_CONSUMER,
+    LEDGER_WORKLOADS_CONSUMER,
+)
 
 
 def stream_by_name(name: str) -> StreamSpec:

@@ -49,5 +49,21 @@ def ledger_entry(orchestrator_id: str) -> str:
     return f"{LEDGER_ENTRIES}.{token(orchestrator_id)}"
 
 
+def workload_time(orchestrator_id: str) -> str:
+    return f"{WORKLOADS}.time.{token(orchestrator_id)}"
+
+
+def workload_fixed(orchestrator_id: str) -> str:
+    return f"{WORKLOADS}.fixed.{token(orchestrator_id)}"
+
+
+def workload_update(orchestrator_id: str) -> str:
+    return f"{WORKLOADS}.updates.{token(orchestrator_id)}"
+
+
+def ledger_adjustment(orchestrator_id: str) -> str:
+    return f"{WORKLOADS}.adjustments.{token(orchestrator_id)}"
+
+
 def audit(domain: str, event: str) -> str:
     return f"{AUDIT}.{token(domain)}.{token(event)}"

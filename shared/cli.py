@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from shared.settings import ConfigurationError, Settings, build_settings
 
@@ -81,6 +82,89 @@ def cmd_dlq_retry(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.replay import ReplayError, replay
+
+    try:
+        reports = asyncio.run(replay(settings, args.into, progress=not args.quiet))
+    except ReplayError as error:
+        print(f"replay refused: {error}", file=sys.stderr)
+        return 2
+    for r in reports:
+        print(
+            f"{r.stream}/{r.consumer}: {r.messages} messages, {r.applied} applied, "
+            f"{r.duplicates} duplicates, {r.dead} dead-lettered"
+        )
+    return 0
+
+
+async def ledger_stream_messages(settings: Settings) -> int | None:
+    """How many messages the LEDGER stream holds, or None when NATS cannot be asked."""
+    from contracts.streams import LEDGER
+    from shared.nats_client import connect_once
+
+    try:
+        nc = await connect_once(settings, "ops", "payments-reconcile")
+    except Exception:
+        return None
+    try:
+        return int((await nc.jetstream().stream_info(LEDGER.name)).state.messages)
+    finally:
+        await nc.close()
+
+
+def add_reconcile_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--label", default="live")
+    command.add_argument("--out", type=Path, help="markdown report (stdout if omitted)")
+    command.add_argument("--top", type=int, default=25)
+    command.add_argument("--against", help="database URL to compare with (a replay)")
+    command.add_argument("--write-reconciled-balances", type=Path)
+    command.add_argument("--write-mismatches-json", type=Path)
+    command.add_argument("--write-workload-hash-index-json", type=Path)
+    command.add_argument("--write-workload-hash-unique-md", type=Path)
+    command.add_argument("--write-workload-hash-dupes-md", type=Path)
+    command.add_argument("--no-stream-check", action="store_true", help="do not ask NATS")
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Writes the report; exits 1 when anything disagrees, so operators can alert on it."""
+    from shared.reconcile import reconcile, write_outputs
+
+    stream_messages = (
+        None if args.no_stream_check else asyncio.run(ledger_stream_messages(settings))
+    )
+    result = asyncio.run(
+        reconcile(
+            settings.resolved_database_url,
+            label=args.label,
+            top=args.top,
+            against_url=args.against,
+            stream_messages=stream_messages,
+        )
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(result.markdown, encoding="utf-8")
+    else:
+        print(result.markdown)
+    write_outputs(
+        result,
+        {
+            "reconciled_balances": args.write_reconciled_balances,
+            "mismatches_json": args.write_mismatches_json,
+            "hash_index_json": args.write_workload_hash_index_json,
+            "hash_unique_md": args.write_workload_hash_unique_md,
+            "hash_dupes_md": args.write_workload_hash_dupes_md,
+        },
+    )
+    print(
+        f"mismatches: {len(result.mismatches)}; replay differences: "
+        f"{len(result.replay_differences)}; entries missing from LEDGER stream: {result.stream_gap}",
+        file=sys.stderr,
+    )
+    return 0 if result.clean else 1
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="payments", description="Payments pipeline operations.")
     groups = root.add_subparsers(dest="group", required=True)
@@ -113,6 +197,15 @@ def parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int)
     retry.add_argument("--all", action="store_true", help="every dead letter not yet retried")
     retry.set_defaults(func=cmd_dlq_retry)
+
+    replay = groups.add_parser("replay", help="rebuild every projection into an empty database")
+    replay.add_argument("--into", required=True, help="database URL of an empty database")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.set_defaults(func=cmd_replay)
+
+    reconcile = groups.add_parser("reconcile", help="ledger reconciliation report")
+    add_reconcile_arguments(reconcile)
+    reconcile.set_defaults(func=cmd_reconcile)
     return root
 
 

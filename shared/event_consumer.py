@@ -115,7 +115,7 @@ class Projector(Protocol[EventT]):
 
 
 @dataclass
-class _Plan(Generic[EventT]):
+class Plan(Generic[EventT]):
     applied: list[tuple[Decoded[EventT], Outcome]] = field(default_factory=list)
     duplicates: list[Delivery] = field(default_factory=list)
     retry: list[tuple[Delivery, str]] = field(default_factory=list)
@@ -194,13 +194,29 @@ class EventConsumer(Generic[EventT]):
                 "message failed",
                 extra=self._tag(delivery, error=type(error).__name__),
             )
-            plan = _Plan()
+            plan = Plan()
             plan.retry.append((delivery, f"{type(error).__name__}: {error}"))
         fault_point(f"{self.consumer}:after_commit_before_ack")
         await self._settle({id(delivery): msg}, plan)
 
-    async def _commit(self, deliveries: Sequence[Delivery]) -> _Plan[EventT]:
-        plan: _Plan[EventT] = _Plan()
+    async def apply_final(self, deliveries: Sequence[Delivery]) -> Plan[EventT]:
+        """Apply without acking, as `payments replay` does: what would be retried is dead."""
+        try:
+            return await self._commit(deliveries, final=True)
+        except Exception:
+            log.exception(
+                "replay batch failed; applying its messages one by one", extra=self._tag()
+            )
+        plan: Plan[EventT] = Plan()
+        for delivery in deliveries:
+            single = await self._commit([delivery], final=True)
+            plan.applied += single.applied
+            plan.duplicates += single.duplicates
+            plan.dead += single.dead
+        return plan
+
+    async def _commit(self, deliveries: Sequence[Delivery], final: bool = False) -> Plan[EventT]:
+        plan: Plan[EventT] = Plan()
         decoded: list[Decoded[EventT]] = []
         for delivery in deliveries:
             result = self.decode(delivery)
@@ -213,7 +229,7 @@ class EventConsumer(Generic[EventT]):
             outcomes = await self.projector.apply(session, fresh) if fresh else []
             if len(outcomes) != len(fresh):
                 raise RuntimeError("projector returned a different number of outcomes")
-            self._sort_outcomes(fresh, outcomes, plan)
+            self._sort_outcomes(fresh, outcomes, plan, final)
             await inbox.record(
                 session,
                 self.consumer,
@@ -228,7 +244,7 @@ class EventConsumer(Generic[EventT]):
         return plan
 
     async def _drop_duplicates(
-        self, session: AsyncSession, decoded: list[Decoded[EventT]], plan: _Plan[EventT]
+        self, session: AsyncSession, decoded: list[Decoded[EventT]], plan: Plan[EventT]
     ) -> list[Decoded[EventT]]:
         known = await inbox.existing_keys(session, self.consumer, (d.key for d in decoded))
         fresh: list[Decoded[EventT]] = []
@@ -241,17 +257,23 @@ class EventConsumer(Generic[EventT]):
         return fresh
 
     def _sort_outcomes(
-        self, fresh: list[Decoded[EventT]], outcomes: list[Outcome], plan: _Plan[EventT]
+        self,
+        fresh: list[Decoded[EventT]],
+        outcomes: list[Outcome],
+        plan: Plan[EventT],
+        final: bool,
     ) -> None:
         for item, outcome in zip(fresh, outcomes, strict=True):
             if outcome.kind == "done":
                 plan.applied.append((item, outcome))
-            elif outcome.kind == "dead" or item.delivery.num_delivered >= self.max_attempts:
+            elif (
+                outcome.kind == "dead" or final or item.delivery.num_delivered >= self.max_attempts
+            ):
                 plan.dead.append((item.delivery, outcome.reason))
             else:
                 plan.retry.append((item.delivery, outcome.reason))
 
-    async def _settle(self, msgs: dict[int, Msg], plan: _Plan[EventT]) -> None:
+    async def _settle(self, msgs: dict[int, Msg], plan: Plan[EventT]) -> None:
         if self.relay is not None:
             await self.relay.publish_ids(plan.outbox_ids)
         for item, _outcome in plan.applied:
@@ -294,7 +316,7 @@ class EventConsumer(Generic[EventT]):
             deliveries=delivery.num_delivered,
         )
 
-    def _count(self, plan: _Plan[EventT]) -> None:
+    def _count(self, plan: Plan[EventT]) -> None:
         counter = EVENTS_PROCESSED
         counter.labels(self.consumer, "applied").inc(len(plan.applied))
         counter.labels(self.consumer, "duplicate").inc(len(plan.duplicates))

@@ -48,11 +48,17 @@ async def _quiet_error(error: Exception) -> None:
     log.warning("nats connection problem: %s", type(error).__name__)
 
 
+# Attempts per server during the first connection; nats-py would otherwise retry forever.
+INITIAL_ATTEMPTS_PER_SERVER = 2
+
+
 async def connect_once(settings: Settings, role: Role, name: str) -> NatsClient:
-    return await nats.connect(
-        **connect_options(settings, role, name),
-        error_cb=_quiet_error,
-    )
+    options = connect_options(settings, role, name)
+    options["max_reconnect_attempts"] = INITIAL_ATTEMPTS_PER_SERVER
+    client = await nats.connect(**options, error_cb=_quiet_error)
+    # Connected: from now on ride out any outage, reconnecting for as long as the process lives.
+    client.options["max_reconnect_attempts"] = -1
+    return client
 
 
 @retry(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import sys
+from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
@@ -81,6 +82,12 @@ class Settings(BaseSettings):
     registration_burst: int = Field(default=5, ge=1)
     audit_log_path: Path | None = None
 
+    # Ledger.
+    workload_time_credit_eth_per_minute: Decimal = Field(default=Decimal("0.000005353596"), ge=0)
+
+    session_credit_eth_per_minute: Decimal = Field(default=Decimal("0"), ge=0)
+    payout_strategy: str = "eth_transfer"
+
     # Rank check against the Livepeer BondingManager transcoder pool.
     top_contract_address: str | None = _env("TOP_CONTRACT_ADDRESS")
     top_cache_ttl_seconds: float = Field(
@@ -103,6 +110,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a 0x-prefixed 40-hex-digit address: {address}")
             int(address, 16)
         return addresses
+
+    @field_validator("payout_strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("eth_transfer", "livepeer_ticket"):
+            raise ValueError("must be eth_transfer or livepeer_ticket")
+        return value
 
     @field_validator("trusted_proxy_cidrs", "manager_ip_allowlist")
     @classmethod

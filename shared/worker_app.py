@@ -1,8 +1,9 @@
 """What every worker process shares: the FastStream app, the database, NATS, logs and metrics.
 
 A worker module builds one `WorkerRuntime`, registers its handlers with `runtime.consume(spec)`
-(durable pull consumer, batches, manual acks) or `runtime.broker.subscriber(..., queue=...)`
-(request-reply commands), and exposes `app = runtime.app` for `faststream run workers.<role>:app`.
+(durable pull consumer, batches, manual acks; see shared.pull_loop) or
+`runtime.broker.subscriber(..., queue=...)` (request-reply commands), and exposes
+`app = runtime.app` for `faststream run workers.<role>:app`.
 
 SIGTERM and Ctrl-C stop fetching, let the batch in hand commit and ack (up to GRACEFUL_DRAIN_S),
 then close the connections.
@@ -14,11 +15,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from faststream import AckPolicy, FastStream
-from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream import FastStream
+from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -28,15 +28,13 @@ from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
-from shared.provisioning import consumer_config
+from shared.pull_loop import BatchHandler, PullLoop
 from shared.settings import Settings
 
 # Time a stopping worker gives its in-flight batch to commit and ack.
 GRACEFUL_DRAIN_S = 20.0
 
 log = logging.getLogger(__name__)
-
-BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 
 
 class MissingConsumer(RuntimeError):
@@ -76,9 +74,10 @@ class WorkerRuntime:
             self.broker,
             logger=logging.getLogger(f"faststream.{role}"),
             on_startup=[self._startup],
-            after_startup=[],
+            after_startup=[self._start_pulling],
             on_shutdown=[self._shutdown],
         )
+        self.pull_loops: list[PullLoop] = []
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- resources ----------------------------------------------------------------------------
@@ -111,7 +110,13 @@ class WorkerRuntime:
             await hook()
         log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
 
+    async def _start_pulling(self) -> None:
+        for loop in self.pull_loops:
+            await loop.start(self.js)
+
     async def _shutdown(self) -> None:
+        for loop in self.pull_loops:
+            await loop.stop(GRACEFUL_DRAIN_S)
         if self._nc is not None:
             await self._nc.drain()
         if self._engine is not None:
@@ -135,21 +140,7 @@ class WorkerRuntime:
         self.consumer_specs.append(spec)
 
         def decorate(handler: BatchHandler) -> BatchHandler:
-            @self.broker.subscriber(
-                spec.filter_subject,
-                stream=JStream(name=spec.stream, declare=False),
-                durable=spec.durable,
-                config=consumer_config(spec),
-                pull_sub=PullSub(
-                    batch_size=spec.batch_size, timeout=spec.fetch_timeout_s, batch=True
-                ),
-                ack_policy=AckPolicy.MANUAL,
-                title=f"{spec.stream}/{spec.durable}",
-                description=spec.description,
-            )
-            async def on_batch(body: Any, message: NatsMessage) -> None:
-                await handler(list(message.raw_message))
-
+            self.pull_loops.append(PullLoop(spec, handler))
             return handler
 
         return decorate

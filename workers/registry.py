@@ -143,7 +143,6 @@ class HealthProjector:
         return outcomes
 
 
-relay: OutboxRelay | None = None
 registrations = EventConsumer(
     consumer=REGISTRY_EVENTS_CONSUMER.durable,
     schemas={OrchestratorRegisteredV1.SCHEMA: OrchestratorRegisteredV1},
@@ -156,6 +155,9 @@ health_reports = EventConsumer(
     projector=HealthProjector(),
     sessionmaker=runtime.sessionmaker,
 )
+
+
+CONSUMERS = (registrations, health_reports)
 
 
 @runtime.consume(REGISTRY_EVENTS_CONSUMER)
@@ -287,7 +289,6 @@ async def publish_bootstrap() -> None:
 
 
 async def start_outbox() -> None:
-    global relay
     relay = OutboxRelay(runtime.sessionmaker, runtime.js, "registry")
     registrations.relay = relay
     health_reports.relay = relay

@@ -56,6 +56,7 @@ ANVIL_READY_TIMEOUT_S = 20.0
 ANVIL_READY_POLL_S = 0.05
 ANVIL_PROBE_TIMEOUT_S = 1.0
 ANVIL_STOP_TIMEOUT_S = 10.0
+ANVIL_SIGNAL_TIMEOUT_S = 5.0
 # A free port can be taken between choosing it and Anvil binding it; try a fresh one.
 ANVIL_START_ATTEMPTS = 3
 LOG_TAIL_BYTES = 3000
@@ -223,6 +224,12 @@ def rpc_request(
     return body["result"]
 
 
+def _process_stopped(pid: int) -> bool:
+    """Whether a (Linux) process is in the stopped state 'T'."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+
 class Anvil:
     """An Anvil node on 127.0.0.1 with deterministic, funded accounts.
 
@@ -302,17 +309,23 @@ class Anvil:
 
     def pause(self) -> None:
         """Freeze the process (SIGSTOP): connections are still accepted, nothing answers, as
-        with a hung RPC provider. `resume()` (or `stop()`) ends the freeze."""
-        self._signal(signal.SIGSTOP)
+        with a hung RPC provider. `resume()` (or `stop()`) ends the freeze. Returns once the
+        process is stopped (signals are delivered asynchronously)."""
+        self._signal(signal.SIGSTOP, stopped=True)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT, stopped=False)
 
-    def _signal(self, number: signal.Signals) -> None:
+    def _signal(self, number: signal.Signals, *, stopped: bool) -> None:
         if not self.running():
             raise AnvilError("anvil is not running")
         assert self._process is not None
         self._process.send_signal(number)
+        deadline = time.monotonic() + ANVIL_SIGNAL_TIMEOUT_S
+        while _process_stopped(self._process.pid) != stopped:
+            if time.monotonic() > deadline:
+                raise AnvilError(f"anvil did not react to {number.name}")
+            time.sleep(ANVIL_READY_POLL_S)
 
     def rpc(self, method: str, params: Sequence[Any] = ()) -> Any:
         return rpc_request(self.rpc_url, method, params)

@@ -162,3 +162,33 @@ class LedgerEntry(SQLModel, table=True):
     )
     occurred_at: datetime | None = _utc(nullable=False, index=True)
     corrects_entry_id: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class Workload(SQLModel, table=True):
+    """Content workloads: time-based (credited on arrival) and fixed-price (credited once verified)."""
+
+    __tablename__ = "workloads"
+    __table_args__ = (
+        Index("ix_workloads_orchestrator_submitted", "orchestrator_id", "submitted_at"),
+        Index("ix_workloads_artifact_hash", "artifact_hash"),
+    )
+
+    workload_id: str = Field(primary_key=True, max_length=255)
+    orchestrator_id: str = Field(max_length=128)
+    kind: str = Field(max_length=16)  # time | fixed
+    status: str = Field(max_length=16)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    artifact_uri: str | None = Field(default=None, max_length=512)
+    notes: str | None = Field(default=None, max_length=1024)
+    tx_hash: str | None = Field(default=None, max_length=128)
+    job_id: str | None = Field(default=None, max_length=255)
+    payout_amount_wei: int = Field(sa_column=Column(Wei(), nullable=False))
+    duration_ms: int | None = Field(default=None, sa_type=BigInteger)
+    credit_eth_per_minute: str | None = Field(default=None, max_length=64)
+    body_sha256: str = Field(max_length=64)
+    submitted_at: datetime | None = _utc(nullable=False, index=True)
+    updated_at: datetime | None = _utc(nullable=False)
+    credited: bool = False
+    credited_at: datetime | None = _utc()

@@ -1,27 +1,235 @@
-"""Ledger reads and writes: append-only entries and the balances they sum to."""
+"""Ledger reads and writes: append-only entries and the balances they sum to.
+
+`post_entries` is the only way money moves. In one transaction it writes the entries, moves
+each balance by exactly their sum, and queues each entry for the LEDGER stream (outbox). The
+unique `entry_key` makes a second entry for the same source impossible in the database.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.models import Balance
+from contracts import subjects
+from contracts.events import LedgerEntryV1
+from contracts.streams import LEDGER
+from shared.db.models import Balance, LedgerEntry
+from shared.db.repositories import outbox
+
+_ENTRIES = LedgerEntry.__table__  # type: ignore[attr-defined]
+_BALANCES = Balance.__table__  # type: ignore[attr-defined]
+IN_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class NewEntry:
+    entry_key: str
+    orchestrator_id: str
+    amount_wei: int
+    reason: str
+    source_stream: str
+    source_seq: int
+    source_key: str
+    occurred_at: datetime
+    metadata: dict[str, Any] = field(default_factory=dict)
+    corrects_entry_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PostedEntry:
+    entry_id: int
+    entry: NewEntry
+    balance_after_wei: int
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
+
+
+async def existing_entry_keys(session: AsyncSession, keys: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), IN_CHUNK):
+        rows = await session.execute(
+            select(_ENTRIES.c.entry_key).where(
+                _ENTRIES.c.entry_key.in_(unique[start : start + IN_CHUNK])
+            )
+        )
+        found.update(rows.scalars())
+    return found
+
+
+async def _lock_balances(session: AsyncSession, ids: list[str]) -> dict[str, int]:
+    """Current balances of `ids`, rows created at zero when missing and locked until commit.
+
+    PostgreSQL locks the rows (sorted, so two workers never deadlock); SQLite's writer already
+    holds the database write lock (BEGIN IMMEDIATE).
+    """
+    insert_fn = pg_insert if _dialect(session) == "postgresql" else sqlite_insert
+    await session.execute(
+        insert_fn(_BALANCES).on_conflict_do_nothing(index_elements=["orchestrator_id"]),
+        [{"orchestrator_id": oid, "balance_wei": 0, "entry_count": 0} for oid in ids],
+    )
+    query = (
+        select(_BALANCES.c.orchestrator_id, _BALANCES.c.balance_wei)
+        .where(_BALANCES.c.orchestrator_id.in_(ids))
+        .order_by(_BALANCES.c.orchestrator_id)
+    )
+    if _dialect(session) == "postgresql":
+        query = query.with_for_update()
+    rows = await session.execute(query)
+    return {oid: int(value) for oid, value in rows.all()}
+
+
+async def post_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> list[PostedEntry]:
+    """Append entries and move balances; entries whose key already exists are skipped."""
+    if not entries:
+        return []
+    known = await existing_entry_keys(session, [e.entry_key for e in entries])
+    fresh: list[NewEntry] = []
+    for entry in entries:
+        if entry.entry_key not in known:
+            known.add(entry.entry_key)
+            fresh.append(entry)
+    if not fresh:
+        return []
+    balances = await _lock_balances(session, sorted({e.orchestrator_id for e in fresh}))
+    rows, after = [], []
+    for entry in fresh:
+        balances[entry.orchestrator_id] += entry.amount_wei
+        after.append(balances[entry.orchestrator_id])
+        rows.append(_entry_row(entry, balances[entry.orchestrator_id]))
+    result = await session.execute(
+        insert(_ENTRIES).returning(_ENTRIES.c.id, sort_by_parameter_order=True), rows
+    )
+    ids = [int(value) for value in result.scalars()]
+    posted = [PostedEntry(i, e, b) for i, e, b in zip(ids, fresh, after, strict=True)]
+    await _move_balances(session, posted)
+    await outbox.add_many(session, [_ledger_message(p) for p in posted])
+    return posted
+
+
+def _entry_row(entry: NewEntry, balance_after_wei: int) -> dict[str, Any]:
+    return {
+        "entry_key": entry.entry_key,
+        "orchestrator_id": entry.orchestrator_id,
+        "amount_wei": entry.amount_wei,
+        "balance_after_wei": balance_after_wei,
+        "reason": entry.reason,
+        "source_stream": entry.source_stream,
+        "source_seq": entry.source_seq,
+        "source_key": entry.source_key,
+        "metadata": entry.metadata,
+        "occurred_at": entry.occurred_at,
+        "corrects_entry_id": entry.corrects_entry_id,
+    }
+
+
+async def _move_balances(session: AsyncSession, posted: Sequence[PostedEntry]) -> None:
+    last: dict[str, PostedEntry] = {}
+    counts: dict[str, int] = {}
+    for item in posted:
+        last[item.entry.orchestrator_id] = item
+        counts[item.entry.orchestrator_id] = counts.get(item.entry.orchestrator_id, 0) + 1
+    await session.execute(
+        update(_BALANCES)
+        .where(_BALANCES.c.orchestrator_id == bindparam("oid"))
+        .values(
+            balance_wei=bindparam("new_balance"),
+            entry_count=_BALANCES.c.entry_count + bindparam("added"),
+            last_entry_id=bindparam("last_id"),
+        ),
+        [
+            {
+                "oid": oid,
+                "new_balance": item.balance_after_wei,
+                "added": counts[oid],
+                "last_id": item.entry_id,
+            }
+            for oid, item in last.items()
+        ],
+    )
+
+
+def _ledger_message(posted: PostedEntry) -> tuple[str, str, LedgerEntryV1, str]:
+    entry = posted.entry
+    message = LedgerEntryV1(
+        entry_id=posted.entry_id,
+        entry_key=entry.entry_key,
+        orchestrator_id=entry.orchestrator_id,
+        amount_wei=entry.amount_wei,
+        balance_after_wei=posted.balance_after_wei,
+        reason=entry.reason,
+        source_stream=entry.source_stream,
+        source_seq=entry.source_seq,
+        source_key=entry.source_key,
+        metadata=entry.metadata,
+        occurred_at=entry.occurred_at,
+    )
+    return (
+        LEDGER.name,
+        subjects.ledger_entry(entry.orchestrator_id),
+        message,
+        f"ledger:{entry.entry_key}",
+    )
+
+
+# -- reads ------------------------------------------------------------------------------------
 
 
 async def balance_wei(session: AsyncSession, orchestrator_id: str) -> int:
     row = await session.execute(
-        select(Balance.balance_wei).where(Balance.orchestrator_id == orchestrator_id)
+        select(_BALANCES.c.balance_wei).where(_BALANCES.c.orchestrator_id == orchestrator_id)
     )
     value = row.scalar_one_or_none()
     return int(value) if value is not None else 0
 
 
-async def balances_wei(session: AsyncSession, ids: list[str]) -> dict[str, int]:
-    if not ids:
-        return {}
-    rows = await session.execute(
-        select(Balance.orchestrator_id, Balance.balance_wei).where(
-            Balance.orchestrator_id.in_(ids)  # type: ignore[attr-defined]
-        )
-    )
+async def balances_wei(session: AsyncSession, ids: list[str] | None = None) -> dict[str, int]:
+    query = select(_BALANCES.c.orchestrator_id, _BALANCES.c.balance_wei)
+    if ids is not None:
+        if not ids:
+            return {}
+        query = query.where(_BALANCES.c.orchestrator_id.in_(ids))
+    rows = await session.execute(query)
     return {orchestrator_id: int(value) for orchestrator_id, value in rows.all()}
+
+
+async def entry_sums_wei(session: AsyncSession) -> dict[str, int]:
+    """Sum of entries per orchestrator, computed in Python (SQLite stores wei as text)."""
+    sums: dict[str, int] = {}
+    rows = await session.stream(select(_ENTRIES.c.orchestrator_id, _ENTRIES.c.amount_wei))
+    async for orchestrator_id, amount in rows:
+        sums[orchestrator_id] = sums.get(orchestrator_id, 0) + int(amount)
+    return sums
+
+
+async def recent_entries(
+    session: AsyncSession, orchestrator_id: str | None, limit: int
+) -> list[LedgerEntry]:
+    query = select(LedgerEntry).order_by(LedgerEntry.id.desc()).limit(limit)  # type: ignore[union-attr]
+    if orchestrator_id is not None:
+        query = query.where(LedgerEntry.orchestrator_id == orchestrator_id)
+    return list((await session.execute(query)).scalars())
+
+
+async def entries_since(
+    session: AsyncSession, orchestrator_id: str, since: datetime
+) -> list[LedgerEntry]:
+    query = (
+        select(LedgerEntry)
+        .where(LedgerEntry.orchestrator_id == orchestrator_id, LedgerEntry.occurred_at >= since)  # type: ignore[operator]
+        .order_by(LedgerEntry.id)  # type: ignore[arg-type]
+    )
+    return list((await session.execute(query)).scalars())
+
+
+async def entry_count(session: AsyncSession) -> int:
+    return int((await session.execute(select(func.count()).select_from(_ENTRIES))).scalar_one())

@@ -68,3 +68,29 @@ async def mark_published(session: AsyncSession, ids: Sequence[int]) -> None:
 async def pending_count(session: AsyncSession) -> int:
     rows = await session.execute(select(_TABLE.c.id).where(_TABLE.c.published_at.is_(None)))
     return len(rows.all())
+
+
+async def add_many(
+    session: AsyncSession, rows: Sequence[tuple[str, str, EventModel, str]]
+) -> list[int]:
+    """Insert (stream, subject, event, key) rows in one statement; returns their ids in order."""
+    if not rows:
+        return []
+    now = datetime.now(UTC)
+    result = await session.execute(
+        insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "stream": stream,
+                "subject": subject,
+                "event_key": key,
+                "schema_name": event.SCHEMA,
+                "body": event.model_dump_json().encode("utf-8"),
+                "created_at": now,
+            }
+            for stream, subject, event, key in rows
+        ],
+    )
+    ids = [int(value) for value in result.scalars()]
+    session.info.setdefault(SESSION_OUTBOX_IDS, []).extend(ids)
+    return ids
