@@ -1,4 +1,4 @@
-"""Orchestrator registry routes: register (a command), read (projections), health reports (events)."""
+"""Orchestrator registry routes: register (a command), reads (projections), health (events)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stream and durable-consumer definitions, as data. `payments nats provision` creates or checks them.
+"""Stream and durable-consumer definitions, as data; `payments nats provision` creates them.
 
 Every stream uses `limits` retention and file storage, so it stays replayable: `payments replay`
 rebuilds every projection from these streams. Every consumer is a durable pull consumer with
@@ -56,7 +56,7 @@ class ConsumerSpec:
 HEALTH = StreamSpec(
     name="HEALTH",
     subjects=(f"{subjects.HEALTH_REPORTS}.>",),
-    description="Health reports from forwarders and the health poller, one subject per orchestrator.",
+    description="Health reports from forwarders and the poller, one subject per orchestrator.",
 )
 REGISTRY = StreamSpec(
     name="REGISTRY",
@@ -76,7 +76,7 @@ WORKLOADS = StreamSpec(
 LEDGER = StreamSpec(
     name="LEDGER",
     subjects=(f"{subjects.LEDGER_ENTRIES}.>",),
-    description="Every committed ledger entry, one subject per orchestrator, for downstream readers.",
+    description="Every committed ledger entry, one subject per orchestrator, for readers.",
 )
 PAYOUTS = StreamSpec(
     name="PAYOUTS",

@@ -114,6 +114,9 @@ async def ledger_stream_messages(settings: Settings) -> int | None:
 
 
 def add_reconcile_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--data-dir", type=Path, help="data folder (its SQLite database)")
+    command.add_argument("--registry", help="accepted for old scripts; ids are canonical")
+    command.add_argument("--no-registry-canonicalize", action="store_true", help="accepted; no-op")
     command.add_argument("--label", default="live")
     command.add_argument("--out", type=Path, help="markdown report (stdout if omitted)")
     command.add_argument("--top", type=int, default=25)
@@ -130,6 +133,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     """Writes the report; exits 1 when anything disagrees, so operators can alert on it."""
     from shared.reconcile import reconcile, write_outputs
 
+    if args.data_dir is not None:
+        settings = build_settings(data_dir=args.data_dir)
     stream_messages = (
         None if args.no_stream_check else asyncio.run(ledger_stream_messages(settings))
     )
@@ -159,7 +164,8 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(
         f"mismatches: {len(result.mismatches)}; replay differences: "
-        f"{len(result.replay_differences)}; entries missing from LEDGER stream: {result.stream_gap}",
+        f"{len(result.replay_differences)}; "
+        f"entries missing from LEDGER stream: {result.stream_gap}",
         file=sys.stderr,
     )
     return 0 if result.clean else 1

@@ -47,7 +47,8 @@ async def retry_dead_letters(settings: Settings, ids: Sequence[int], retry_all: 
             if retry_all:
                 letters = await dead_letters.list_letters(session, status="dead", limit=10_000)
             else:
-                letters = [l for i in ids if (l := await dead_letters.get_letter(session, i))]
+                found = [await dead_letters.get_letter(session, i) for i in ids]
+                letters = [letter for letter in found if letter is not None]
         for letter in letters:
             assert letter.id is not None
             headers = dict(letter.headers or {})

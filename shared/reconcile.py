@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from shared.db.engine import make_engine, make_sessionmaker
 from shared.db.models import Balance, LedgerEntry, Workload
@@ -64,8 +65,10 @@ class LedgerFacts:
 
 
 async def load_ledger(session: AsyncSession) -> LedgerFacts:
-    entries = list((await session.execute(select(LedgerEntry).order_by(LedgerEntry.id))).scalars())  # type: ignore[arg-type]
-    rows = await session.execute(select(Balance.orchestrator_id, Balance.balance_wei))
+    entries = list(
+        (await session.execute(select(LedgerEntry).order_by(col(LedgerEntry.id)))).scalars()
+    )
+    rows = await session.execute(select(col(Balance.orchestrator_id), col(Balance.balance_wei)))
     facts = LedgerFacts(entries=entries, balances={oid: int(b) for oid, b in rows.all()})
     for entry in entries:
         oid, delta = entry.orchestrator_id, entry.amount_wei
@@ -111,7 +114,8 @@ def replay_differences(live: LedgerFacts, rebuilt: LedgerFacts) -> list[str]:
     for oid in ids:
         if live.balances.get(oid, 0) != rebuilt.balances.get(oid, 0):
             differing.append(
-                f"{oid}: balance {wei_to_eth(live.balances.get(oid, 0))} live vs {wei_to_eth(rebuilt.balances.get(oid, 0))} rebuilt"
+                f"{oid}: balance {wei_to_eth(live.balances.get(oid, 0))} live vs "
+                f"{wei_to_eth(rebuilt.balances.get(oid, 0))} rebuilt"
             )
         elif live_entries.get(oid, set()) != rebuilt_entries.get(oid, set()):
             differing.append(f"{oid}: entries differ")
@@ -181,12 +185,12 @@ def workload_sections(
         ]
         for oid in sorted(set(ledger_records) | set(table_credited))
     ][:TABLE_ROWS_MAX]
-    lines += [""] + _table(["orchestrator", "ledger", "workloads", "difference"], rows)
+    lines += ["", *_table(["orchestrator", "ledger", "workloads", "difference"], rows)]
     by_hash: dict[str, list[Workload]] = defaultdict(list)
     for w in creditable:
         if w.artifact_hash and w.artifact_hash.strip():
             by_hash[w.artifact_hash.strip().lower()].append(w)
-    index = [
+    index: list[dict[str, Any]] = [
         {
             "artifact_hash": digest,
             "count": len(items),
@@ -274,11 +278,14 @@ def render(
         f"- database: {database_url.split('@')[-1]}",
         f"- ledger entries: {len(entries)} (window {window})",
         f"- total delta: {wei_to_eth(sum(facts.sums.values()))} ETH",
-        f"- workload credits: records {wei_to_eth(totals.get('workload', 0))}, other {wei_to_eth(totals.get('workload_time', 0))}",
-        f"- accrued: session {wei_to_eth(totals.get('session_time', 0))}, adjustment {wei_to_eth(sum(v for r, v in facts.reason_totals.items() if r == 'adjustment'))}",
+        f"- workload credits: records {wei_to_eth(totals.get('workload', 0))}, "
+        f"other {wei_to_eth(totals.get('workload_time', 0))}",
+        f"- accrued: session {wei_to_eth(totals.get('session_time', 0))}, "
+        f"adjustment {wei_to_eth(facts.reason_totals.get('adjustment', 0))}",
         f"- payouts: {wei_to_eth(sum(facts.payouts.values()))} ETH",
         f"- test events: {sum(facts.test_runs.values())}",
-        f"- LEDGER stream messages: {stream_messages if stream_messages is not None else 'unknown'}; unpublished outbox rows: {unpublished}",
+        f"- LEDGER stream messages: {'unknown' if stream_messages is None else stream_messages}; "
+        f"unpublished outbox rows: {unpublished}",
         "",
         "## Top Balances",
         "",

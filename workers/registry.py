@@ -191,9 +191,9 @@ def registered_event(
     return OrchestratorRegisteredV1(
         orchestrator_id=request.orchestrator_id,
         address=request.address.lower(),
-        origin=origin,  # type: ignore[arg-type]
+        origin=origin,
         is_top_100=is_top_100,
-        metadata=metadata,  # type: ignore[arg-type]
+        metadata=metadata,
         request_ip=request_ip,
         registered_at=at,
     )

@@ -165,7 +165,7 @@ class LedgerEntry(SQLModel, table=True):
 
 
 class Workload(SQLModel, table=True):
-    """Content workloads: time-based (credited on arrival) and fixed-price (credited once verified)."""
+    """Content workloads: time-based (credited on arrival), fixed-price (credited once verified)."""
 
     __tablename__ = "workloads"
     __table_args__ = (

@@ -10,6 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from shared.db.models import DeadLetter
 
@@ -64,9 +65,9 @@ async def record(session: AsyncSession, letters: Sequence[NewDeadLetter]) -> Non
 async def list_letters(
     session: AsyncSession, status: str | None = "dead", limit: int = 100
 ) -> list[DeadLetter]:
-    query = select(DeadLetter).order_by(DeadLetter.id.desc()).limit(limit)  # type: ignore[union-attr]
+    query = select(DeadLetter).order_by(col(DeadLetter.id).desc()).limit(limit)
     if status:
-        query = query.where(DeadLetter.status == status)
+        query = query.where(col(DeadLetter.status) == status)
     return list((await session.execute(query)).scalars())
 
 

@@ -16,6 +16,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import LedgerEntryV1
@@ -214,9 +215,9 @@ async def entry_sums_wei(session: AsyncSession) -> dict[str, int]:
 async def recent_entries(
     session: AsyncSession, orchestrator_id: str | None, limit: int
 ) -> list[LedgerEntry]:
-    query = select(LedgerEntry).order_by(LedgerEntry.id.desc()).limit(limit)  # type: ignore[union-attr]
+    query = select(LedgerEntry).order_by(col(LedgerEntry.id).desc()).limit(limit)
     if orchestrator_id is not None:
-        query = query.where(LedgerEntry.orchestrator_id == orchestrator_id)
+        query = query.where(col(LedgerEntry.orchestrator_id) == orchestrator_id)
     return list((await session.execute(query)).scalars())
 
 
@@ -225,8 +226,11 @@ async def entries_since(
 ) -> list[LedgerEntry]:
     query = (
         select(LedgerEntry)
-        .where(LedgerEntry.orchestrator_id == orchestrator_id, LedgerEntry.occurred_at >= since)  # type: ignore[operator]
-        .order_by(LedgerEntry.id)  # type: ignore[arg-type]
+        .where(
+            col(LedgerEntry.orchestrator_id) == orchestrator_id,
+            col(LedgerEntry.occurred_at) >= since,
+        )
+        .order_by(col(LedgerEntry.id))
     )
     return list((await session.execute(query)).scalars())
 

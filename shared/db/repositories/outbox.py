@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from contracts.events import EventModel
 from shared.db.models import OutboxMessage
@@ -41,8 +42,8 @@ async def load(session: AsyncSession, ids: Sequence[int]) -> list[OutboxMessage]
         return []
     rows = await session.execute(
         select(OutboxMessage)
-        .where(OutboxMessage.id.in_(list(ids)), OutboxMessage.published_at.is_(None))  # type: ignore[union-attr]
-        .order_by(OutboxMessage.id)  # type: ignore[arg-type]
+        .where(col(OutboxMessage.id).in_(list(ids)), col(OutboxMessage.published_at).is_(None))
+        .order_by(col(OutboxMessage.id))
     )
     return list(rows.scalars())
 
@@ -51,8 +52,8 @@ async def stale(session: AsyncSession, older_than_s: float, limit: int) -> list[
     cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
     rows = await session.execute(
         select(OutboxMessage)
-        .where(OutboxMessage.published_at.is_(None), OutboxMessage.created_at < cutoff)  # type: ignore[union-attr,operator]
-        .order_by(OutboxMessage.id)  # type: ignore[arg-type]
+        .where(col(OutboxMessage.published_at).is_(None), col(OutboxMessage.created_at) < cutoff)
+        .order_by(col(OutboxMessage.id))
         .limit(limit)
     )
     return list(rows.scalars())

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from contracts.events import HealthReportV1, OrchestratorRegisteredV1
 from shared.db.models import Orchestrator
@@ -19,7 +20,7 @@ async def get(session: AsyncSession, orchestrator_id: str) -> Orchestrator | Non
 
 
 async def by_address(session: AsyncSession, address: str) -> Orchestrator | None:
-    rows = await session.execute(select(Orchestrator).where(Orchestrator.address == address))
+    rows = await session.execute(select(Orchestrator).where(col(Orchestrator.address) == address))
     return rows.scalars().first()
 
 
@@ -28,13 +29,15 @@ async def get_many(session: AsyncSession, ids: Iterable[str]) -> dict[str, Orche
     if not wanted:
         return {}
     rows = await session.execute(
-        select(Orchestrator).where(Orchestrator.orchestrator_id.in_(wanted))  # type: ignore[attr-defined]
+        select(Orchestrator).where(col(Orchestrator.orchestrator_id).in_(wanted))
     )
     return {row.orchestrator_id: row for row in rows.scalars()}
 
 
 async def list_all(session: AsyncSession) -> list[Orchestrator]:
-    rows = await session.execute(select(Orchestrator).order_by(Orchestrator.registration_order))
+    rows = await session.execute(
+        select(Orchestrator).order_by(col(Orchestrator.registration_order))
+    )
     return list(rows.scalars())
 
 

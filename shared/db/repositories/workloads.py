@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlmodel import col
 
 from shared.db.models import Workload
 
@@ -33,7 +34,7 @@ async def get_many(session: AsyncSession, ids: Iterable[str]) -> dict[str, Workl
     found: dict[str, Workload] = {}
     for start in range(0, len(wanted), IN_CHUNK):
         rows = await session.execute(
-            select(Workload).where(Workload.workload_id.in_(wanted[start : start + IN_CHUNK]))  # type: ignore[attr-defined]
+            select(Workload).where(col(Workload.workload_id).in_(wanted[start : start + IN_CHUNK]))
         )
         found.update({row.workload_id: row for row in rows.scalars()})
     return found
@@ -52,15 +53,15 @@ async def search(
     until: datetime | None = None,
     limit: int | None = None,
 ) -> list[Workload]:
-    query = select(Workload).order_by(Workload.submitted_at.desc())  # type: ignore[union-attr]
+    query = select(Workload).order_by(col(Workload.submitted_at).desc())
     if orchestrator_id is not None:
-        query = query.where(Workload.orchestrator_id == orchestrator_id)
+        query = query.where(col(Workload.orchestrator_id) == orchestrator_id)
     if status is not None:
-        query = query.where(Workload.status == status)
+        query = query.where(col(Workload.status) == status)
     if since is not None:
-        query = query.where(Workload.submitted_at >= since)  # type: ignore[operator]
+        query = query.where(col(Workload.submitted_at) >= since)
     if until is not None:
-        query = query.where(Workload.submitted_at <= until)  # type: ignore[operator]
+        query = query.where(col(Workload.submitted_at) <= until)
     if limit is not None:
         query = query.limit(limit)
     return list((await session.execute(query)).scalars())

@@ -1,0 +1,15 @@
+# One image for every role: the api, each worker, and the one-shot provisioning job.
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY api ./api
+COPY workers ./workers
+COPY contracts ./contracts
+COPY shared ./shared
+COPY scripts ./scripts
+COPY nats.conf ./
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 payments && mkdir -p /app/data && chown payments /app/data
+USER payments
+ENV PAYMENTS_DATA_DIR=/app/data
+EXPOSE 8081
+CMD ["payments", "api"]
