@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import ledger, orchestrators, system, workloads
+from api import ledger, orchestrators, sessions, system, workloads
 from api.auth import Auth
 from api.context import CONTEXT, ApiContext
 from api.errors import error_middleware
@@ -36,6 +36,12 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_patch("/api/workloads/{workload_id}", workloads.update_workload)
     app.router.add_post("/api/ledger/adjustments", ledger.create_adjustment)
     app.router.add_get("/api/ledger/events", ledger.list_events)
+    app.router.add_post("/api/sessions/events", sessions.post_session_event)
+    app.router.add_get("/api/sessions", sessions.list_sessions)
+    app.router.add_post("/api/activity/leases", sessions.create_lease)
+    app.router.add_get("/api/activity/leases", sessions.list_leases)
+    app.router.add_post("/api/activity/leases/{lease_id}/heartbeat", sessions.heartbeat_lease)
+    app.router.add_delete("/api/activity/leases/{lease_id}", sessions.revoke_lease)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -24,7 +24,7 @@ from contracts.http import (
 )
 from contracts.streams import HEALTH
 from shared.db.models import Orchestrator
-from shared.db.repositories import ledger, registry
+from shared.db.repositories import ledger, registry, sessions
 from shared.money import wei_to_eth
 from shared.registry_rules import activity, cooldown_active
 
@@ -56,11 +56,16 @@ async def register(request: web.Request) -> web.Response:
 
 
 def build_record(
-    row: Orchestrator, balance_wei: int, now: datetime, request: web.Request, redact: bool
+    row: Orchestrator,
+    balance_wei: int,
+    now: datetime,
+    request: web.Request,
+    redact: bool,
+    counts: tuple[dict[str, int], dict[str, int]],
 ) -> dict[str, Any]:
     settings = context(request).settings
-    # Sessions and activity leases are counted once their projections exist (issue 4).
-    active_sessions, active_leases = 0, 0
+    active_sessions = counts[0].get(row.orchestrator_id, 0)
+    active_leases = counts[1].get(row.orchestrator_id, 0)
     state = activity(
         row,
         now,
@@ -109,9 +114,13 @@ async def list_orchestrators(request: web.Request) -> web.Response:
     async with ctx.sessions() as session:
         rows = await registry.list_all(session)
         balances = await ledger.balances_wei(session, [row.orchestrator_id for row in rows])
-    now, redact = utc_now(), not ctx.auth.sees_private_fields(request)
+        now = utc_now()
+        counts = await sessions.activity_counts(
+            session, now, ctx.settings.session_idle_timeout_seconds
+        )
+    redact = not ctx.auth.sees_private_fields(request)
     records = [
-        build_record(row, balances.get(row.orchestrator_id, 0), now, request, redact)
+        build_record(row, balances.get(row.orchestrator_id, 0), now, request, redact, counts)
         for row in rows
     ]
     return web.json_response({"orchestrators": records})
@@ -126,8 +135,12 @@ async def get_orchestrator(request: web.Request) -> web.Response:
         if row is None:
             raise NotFound("Not found")
         balance = await ledger.balance_wei(session, orchestrator_id)
+        now = utc_now()
+        counts = await sessions.activity_counts(
+            session, now, ctx.settings.session_idle_timeout_seconds
+        )
     redact = not ctx.auth.sees_private_fields(request)
-    return web.json_response(build_record(row, balance, utc_now(), request, redact))
+    return web.json_response(build_record(row, balance, now, request, redact, counts))
 
 
 def health_event_key(orchestrator_id: str, client_key: str | None, report: HealthReportV1) -> str:

@@ -156,3 +156,48 @@ class LedgerEntryV1(EventModel):
     source_key: str
     metadata: dict[str, Any]
     occurred_at: UtcDatetime
+
+
+SessionEventKind = Literal["start", "heartbeat", "end"]
+
+
+class SessionEventV1(EventModel):
+    """An edge's session event, with the billing terms in force when the ingress received it."""
+
+    SCHEMA: ClassVar[str] = "sessions.event.v1"
+    session_id: str = Field(min_length=1, max_length=128)
+    upstream_addr: str = Field(min_length=2, max_length=64)
+    upstream_port: int = Field(ge=1, le=65535)
+    edge_id: str | None = Field(default=None, max_length=64)
+    event: SessionEventKind
+    received_at: UtcDatetime
+    credit_eth_per_minute: str = Field(max_length=64)
+    segment_seconds: int = Field(gt=0)
+    idle_timeout_seconds: float = Field(gt=0)
+    lease_seconds: int = Field(gt=0)
+
+
+class SessionTickV1(EventModel):
+    """A clock tick for one partition: closes idle sessions and expires leases up to `at`."""
+
+    SCHEMA: ClassVar[str] = "sessions.tick.v1"
+    partition: int = Field(ge=0)
+    at: UtcDatetime
+
+
+LeaseAction = Literal["issue", "heartbeat", "revoke"]
+
+
+class ActivityLeaseCommandV1(EventModel):
+    """An admin's activity-lease command; `lease_seconds` is already clamped by the ingress."""
+
+    SCHEMA: ClassVar[str] = "activity.lease.v1"
+    action: LeaseAction
+    lease_id: str = Field(min_length=1, max_length=160)
+    orchestrator_id: str | None = Field(default=None, max_length=128)
+    upstream_addr: str | None = Field(default=None, max_length=255)
+    kind: str | None = Field(default=None, max_length=32)
+    lease_seconds: int | None = Field(default=None, gt=0)
+    metadata: dict[str, Any] | None = None
+    request_ip: str | None = Field(default=None, max_length=64)
+    received_at: UtcDatetime

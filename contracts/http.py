@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -202,3 +203,49 @@ class AdjustmentRequest(BaseModel):
         if isinstance(exponent, int) and exponent < -18:
             raise ValueError("amount_eth has more than 18 decimal places (smaller than 1 wei)")
         return value
+
+
+class SessionEventRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str = Field(min_length=1, max_length=128)
+    upstream_addr: str = Field(min_length=2, max_length=64)
+    upstream_port: int = Field(ge=1, le=65535)
+    edge_id: str | None = Field(default=None, max_length=64)
+    event: str = Field(default="heartbeat", max_length=16)
+    event_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("upstream_addr")
+    @classmethod
+    def _ip_literal(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value.strip()))
+        except ValueError:
+            raise ValueError(
+                "upstream_addr must be an IP address literal, not a hostname"
+            ) from None
+
+    @field_validator("event")
+    @classmethod
+    def _event_kind(cls, value: str) -> str:
+        kind = value.strip().lower()
+        if kind not in ("start", "heartbeat", "end"):
+            raise ValueError("event must be start, heartbeat or end")
+        return kind
+
+
+class ActivityLeaseRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    upstream_addr: str | None = Field(default=None, max_length=255)
+    kind: str = Field(default="workload", min_length=1, max_length=32)
+    lease_seconds: int | None = Field(default=None, ge=30, le=86_400)
+    metadata: dict[str, Any] | None = None
+
+
+class ActivityLeaseHeartbeatRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    lease_seconds: int | None = Field(default=None, ge=30, le=86_400)

@@ -18,6 +18,8 @@ DUPLICATE_WINDOW_S = 120.0
 MAX_MESSAGE_BYTES = 1024 * 1024
 # Time a worker has to commit and ack one fetched batch before JetStream redelivers it.
 ACK_WAIT_S = 30.0
+# Ordered partitions wait for a crashed worker's message this long before redelivering it.
+PARTITION_ACK_WAIT_S = 10.0
 # Deliveries after which a worker dead-letters a message that still fails.
 MAX_ATTEMPTS = 8
 # The server's own bound, a little above MAX_ATTEMPTS so a failed dead-letter write is retried.
@@ -40,7 +42,7 @@ class StreamSpec:
 class ConsumerSpec:
     stream: str
     durable: str
-    filter_subject: str
+    filter_subjects: tuple[str, ...]
     description: str
     batch_size: int = 256
     # 1 makes the consumer strictly ordered across every copy of the worker.
@@ -102,13 +104,13 @@ ALL_STREAMS: tuple[StreamSpec, ...] = (
 REGISTRY_HEALTH_CONSUMER = ConsumerSpec(
     stream=HEALTH.name,
     durable="registry-health",
-    filter_subject=f"{subjects.HEALTH_REPORTS}.>",
+    filter_subjects=(f"{subjects.HEALTH_REPORTS}.>",),
     description="Registry worker: stores health snapshots.",
 )
 REGISTRY_EVENTS_CONSUMER = ConsumerSpec(
     stream=REGISTRY.name,
     durable="registry-events",
-    filter_subject=f"{subjects.REGISTRY_EVENTS}.>",
+    filter_subjects=(f"{subjects.REGISTRY_EVENTS}.>",),
     description="Registry worker: applies registrations strictly in stream order.",
     batch_size=64,
     max_ack_pending=1,
@@ -117,15 +119,38 @@ REGISTRY_EVENTS_CONSUMER = ConsumerSpec(
 LEDGER_WORKLOADS_CONSUMER = ConsumerSpec(
     stream=WORKLOADS.name,
     durable="ledger-workloads",
-    filter_subject=f"{subjects.WORKLOADS}.>",
+    filter_subjects=(f"{subjects.WORKLOADS}.>",),
     description="Ledger worker: credits workloads and applies adjustments.",
     batch_size=512,
+)
+
+
+def session_partition_consumer(partition: int) -> ConsumerSpec:
+    """One durable per partition, strictly ordered: one message in flight across all copies."""
+    return ConsumerSpec(
+        stream=SESSIONS.name,
+        durable=f"sessions-p{partition}",
+        filter_subjects=(
+            f"{subjects.SESSIONS_EVENTS}.{partition}.>",
+            f"{subjects.SESSIONS_TICKS}.{partition}",
+        ),
+        description=f"Sessions worker: partition {partition}: session events and ticks, in order.",
+        batch_size=1,
+        max_ack_pending=1,
+        # A crashed worker's message holds its partition until redelivered: keep this short.
+        ack_wait_s=PARTITION_ACK_WAIT_S,
+    )
+
+
+SESSION_PARTITION_CONSUMERS: tuple[ConsumerSpec, ...] = tuple(
+    session_partition_consumer(p) for p in range(subjects.SESSION_PARTITIONS)
 )
 
 ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
     REGISTRY_HEALTH_CONSUMER,
     REGISTRY_EVENTS_CONSUMER,
     LEDGER_WORKLOADS_CONSUMER,
+    *SESSION_PARTITION_CONSUMERS,
 )
 
 

@@ -49,6 +49,30 @@ def ledger_entry(orchestrator_id: str) -> str:
     return f"{LEDGER_ENTRIES}.{token(orchestrator_id)}"
 
 
+# Session events are split over this many partitions so one session's events stay in order
+# (one in flight per partition) while different sessions proceed in parallel. Changing it
+# reshuffles sessions: drain the SESSIONS consumers first.
+SESSION_PARTITIONS = 16
+
+
+def session_partition(key: str) -> int:
+    """The partition of a session (or an activity lease), stable across processes and restarts."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % SESSION_PARTITIONS
+
+
+def session_event(session_id: str) -> str:
+    return f"{SESSIONS_EVENTS}.{session_partition(session_id)}.{token(session_id)}"
+
+
+def activity_lease_command(lease_id: str) -> str:
+    return f"{SESSIONS_EVENTS}.{session_partition(lease_id)}.lease-{token(lease_id)}"
+
+
+def session_tick(partition: int) -> str:
+    return f"{SESSIONS_TICKS}.{partition}"
+
+
 def workload_time(orchestrator_id: str) -> str:
     return f"{WORKLOADS}.time.{token(orchestrator_id)}"
 

@@ -27,6 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.events import EVENT_KEY_HEADER, MSG_ID_HEADER, SCHEMA_HEADER
@@ -123,6 +124,13 @@ class Plan(Generic[EventT]):
     outbox_ids: list[int] = field(default_factory=list)
 
 
+def describe_error(error: BaseException) -> str:
+    """What went wrong, without the statement parameters SQLAlchemy would append."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        return f"{type(error.orig).__name__}: {str(error.orig).splitlines()[0][:300]}"
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
 def backoff_s(num_delivered: int) -> float:
     index = min(max(num_delivered - 1, 0), len(RETRY_BACKOFF_S) - 1)
     return RETRY_BACKOFF_S[index]
@@ -177,8 +185,11 @@ class EventConsumer(Generic[EventT]):
             CONSUMER_LAG.labels(self.consumer).set(deliveries[-1][1].num_pending)
         try:
             plan = await self._commit([delivery for _msg, delivery in deliveries])
-        except Exception:
-            log.exception("batch failed; handling its messages one by one", extra=self._tag())
+        except Exception as error:
+            log.warning(
+                "batch failed; handling its messages one by one",
+                extra=self._tag(error=describe_error(error)),
+            )
             for msg, delivery in deliveries:
                 await self._handle_alone(msg, delivery)
             return
@@ -190,12 +201,9 @@ class EventConsumer(Generic[EventT]):
         try:
             plan = await self._commit([delivery])
         except Exception as error:
-            log.exception(
-                "message failed",
-                extra=self._tag(delivery, error=type(error).__name__),
-            )
+            log.error("message failed", extra=self._tag(delivery, error=describe_error(error)))
             plan = Plan()
-            plan.retry.append((delivery, f"{type(error).__name__}: {error}"))
+            plan.retry.append((delivery, describe_error(error)))
         fault_point(f"{self.consumer}:after_commit_before_ack")
         await self._settle({id(delivery): msg}, plan)
 

@@ -70,7 +70,8 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
         ack_wait=spec.ack_wait_s,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,
-        filter_subject=spec.filter_subject,
+        filter_subject=spec.filter_subjects[0] if len(spec.filter_subjects) == 1 else None,
+        filter_subjects=list(spec.filter_subjects) if len(spec.filter_subjects) > 1 else None,
     )
 
 
@@ -93,6 +94,7 @@ _CONSUMER_FIELDS = (
     "max_deliver",
     "max_ack_pending",
     "filter_subject",
+    "filter_subjects",
 )
 # Fields the server refuses to change on an existing stream or consumer.
 _IMMUTABLE = {"retention", "storage", "deliver_policy", "ack_policy"}

@@ -72,3 +72,91 @@ class PullLoop:
         except TimeoutError:
             self._task.cancel()
             log.warning("batch still running at shutdown", extra={"consumer": self.spec.durable})
+
+
+# How long the partitioned loop waits for more partitions' messages before applying a batch.
+PARTITION_LINGER_S = 0.005
+
+
+class PartitionedPullLoop:
+    """Strictly ordered partitions, applied together.
+
+    Each partition is a durable consumer with max_ack_pending 1, so JetStream hands out one of
+    its messages at a time across every copy of the worker, and the next only after that one is
+    acked (or, after a nak or a crash, redelivered): events of one key never overtake each
+    other. One fetch task per partition feeds a queue; the applier takes whatever the partitions
+    have ready and applies it as one batch (one transaction), so partitions proceed in parallel
+    and share the cost of a commit.
+    """
+
+    def __init__(self, specs: tuple[ConsumerSpec, ...], handler: BatchHandler) -> None:
+        self.specs = specs
+        self.handler = handler
+        self._running = False
+        self._fetching_done = False
+        self._queue: asyncio.Queue[tuple[Msg, asyncio.Future[None]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self, js: JetStreamContext) -> None:
+        self._running = True
+        for spec in self.specs:
+            subscription = await js.pull_subscribe_bind(spec.durable, spec.stream)
+            self._tasks.append(
+                asyncio.create_task(self._fetch(spec, subscription), name=f"pull:{spec.durable}")
+            )
+        self._applier = asyncio.create_task(self._apply(), name="pull:partitions")
+
+    async def _fetch(
+        self, spec: ConsumerSpec, subscription: JetStreamContext.PullSubscription
+    ) -> None:
+        while self._running:  # runs until stop()
+            try:
+                messages = await subscription.fetch(1, timeout=spec.fetch_timeout_s * 10)
+            except TimeoutError:
+                continue
+            except (nats.errors.Error, OSError) as error:
+                log.warning(
+                    "fetch failed", extra={"consumer": spec.durable, "error": type(error).__name__}
+                )
+                await asyncio.sleep(FETCH_ERROR_PAUSE_S)
+                continue
+            for message in messages:
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                await self._queue.put((message, done))
+                await done  # the partition's next message comes only after this one is settled
+
+    async def _apply(self) -> None:
+        while not (self._fetching_done and self._queue.empty()):
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+            except TimeoutError:
+                continue
+            await asyncio.sleep(PARTITION_LINGER_S)
+            batch = [first]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await asyncio.shield(self.handler([message for message, _done in batch]))
+            finally:
+                for _message, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def stop(self, timeout_s: float) -> None:
+        """Stop fetching; every message already fetched is applied and acked before we return.
+
+        Cancelling a fetch could strand a message it just received: with max_ack_pending 1
+        that would hold its partition until ack_wait. So fetchers finish their current fetch.
+        """
+        self._running = False
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
+        self._fetching_done = True
+        remaining = max(0.1, deadline - asyncio.get_running_loop().time())
+        try:
+            await asyncio.wait_for(self._applier, remaining)
+        except TimeoutError:
+            self._applier.cancel()
+        for task in self._tasks:
+            task.cancel()

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     workload_time_credit_eth_per_minute: Decimal = Field(default=Decimal("0.000005353596"), ge=0)
 
     session_credit_eth_per_minute: Decimal = Field(default=Decimal("0"), ge=0)
+    session_segment_seconds: int = Field(default=2400, gt=0)
+    session_tick_seconds: float = Field(default=15.0, gt=0)
+    activity_lease_seconds: int = Field(default=900, ge=30)
+    activity_lease_max_seconds: int = Field(default=3600, ge=30)
     payout_strategy: str = "eth_transfer"
 
     # Rank check against the Livepeer BondingManager transcoder pool.

@@ -18,6 +18,7 @@ from typing import Any
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -28,7 +29,7 @@ from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
-from shared.pull_loop import BatchHandler, PullLoop
+from shared.pull_loop import BatchHandler, PartitionedPullLoop, PullLoop
 from shared.settings import Settings
 
 # Time a stopping worker gives its in-flight batch to commit and ack.
@@ -77,7 +78,7 @@ class WorkerRuntime:
             after_startup=[self._start_pulling],
             on_shutdown=[self._shutdown],
         )
-        self.pull_loops: list[PullLoop] = []
+        self.pull_loops: list[PullLoop | PartitionedPullLoop] = []
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- resources ----------------------------------------------------------------------------
@@ -117,8 +118,12 @@ class WorkerRuntime:
     async def _shutdown(self) -> None:
         for loop in self.pull_loops:
             await loop.stop(GRACEFUL_DRAIN_S)
-        if self._nc is not None:
-            await self._nc.drain()
+        if self._nc is not None and not self._nc.is_closed:
+            try:
+                await self._nc.drain()
+            except nats.errors.Error:
+                # Reconnecting or already closing: nothing left to flush that the outbox won't.
+                await self._nc.close()
         if self._engine is not None:
             await self._engine.dispose()
         log.info("worker stopped")
@@ -141,6 +146,18 @@ class WorkerRuntime:
 
         def decorate(handler: BatchHandler) -> BatchHandler:
             self.pull_loops.append(PullLoop(spec, handler))
+            return handler
+
+        return decorate
+
+    def consume_partitions(
+        self, specs: tuple[ConsumerSpec, ...]
+    ) -> Callable[[BatchHandler], BatchHandler]:
+        """Register `handler` for the strictly ordered partition consumers `specs`."""
+        self.consumer_specs.extend(specs)
+
+        def decorate(handler: BatchHandler) -> BatchHandler:
+            self.pull_loops.append(PartitionedPullLoop(specs, handler))
             return handler
 
         return decorate

@@ -192,3 +192,68 @@ class Workload(SQLModel, table=True):
     updated_at: datetime | None = _utc(nullable=False)
     credited: bool = False
     credited_at: datetime | None = _utc()
+
+
+class Session(SQLModel, table=True):
+    """An edge's Pixel Streaming session: its state machine and what has been billed."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        Index("ix_sessions_partition_live", "partition", "ended_at"),
+        Index("ix_sessions_upstream_addr", "upstream_addr", "last_seen_at"),
+        Index("ix_sessions_orchestrator_started", "orchestrator_id", "started_at"),
+    )
+
+    session_id: str = Field(primary_key=True, max_length=128)
+    partition: int
+    orchestrator_id: str | None = Field(default=None, max_length=128)
+    upstream_addr: str = Field(max_length=64)
+    upstream_port: int
+    edge_id: str | None = Field(default=None, max_length=64)
+    # Incremented each time an ended session starts again: credits of each run are keyed apart.
+    run: int = 0
+    started_at: datetime | None = _utc(nullable=False)
+    last_seen_at: datetime | None = _utc(nullable=False)
+    ended_at: datetime | None = _utc()
+    end_trigger: str | None = Field(default=None, max_length=16)
+    last_event: str = Field(max_length=16)
+    updated_at: datetime | None = _utc(nullable=False)
+    last_billed_at: datetime | None = _utc(nullable=False)
+    billed_ms: int = Field(default=0, sa_type=BigInteger)
+    billed_wei: int = Field(default=0, sa_column=Column(Wei(), nullable=False))
+    last_credited_wei: int = Field(default=0, sa_column=Column(Wei(), nullable=False))
+    metered_ms: int = Field(default=0, sa_type=BigInteger)
+    segment_index: int = 0
+    heartbeat_count: int = 0
+    segments: list[dict[str, Any]] | None = _json()
+    last_credit_proof: str | None = Field(default=None, max_length=80)
+    # Terms stamped into the last event by the ingress; ticks bill with them.
+    credit_eth_per_minute: str = Field(default="0", max_length=64)
+    segment_seconds: int = 2400
+    idle_timeout_seconds: float = 120.0
+
+
+class ActivityLease(SQLModel, table=True):
+    """Activity leases that autosleep watchers read: `session:<id>` ones and manual ones."""
+
+    __tablename__ = "activity_leases"
+    __table_args__ = (
+        Index("ix_activity_leases_orchestrator", "orchestrator_id", "expires_at"),
+        Index("ix_activity_leases_partition", "partition", "expires_at"),
+    )
+
+    lease_id: str = Field(primary_key=True, max_length=160)
+    partition: int
+    orchestrator_id: str = Field(max_length=128)
+    upstream_addr: str | None = Field(default=None, max_length=255)
+    kind: str = Field(max_length=32)
+    lease_metadata: dict[str, Any] | None = Field(
+        default=None, sa_column=Column("metadata", JSON(), nullable=True)
+    )
+    lease_seconds: int
+    issued_at: datetime | None = _utc(nullable=False)
+    last_seen_at: datetime | None = _utc(nullable=False)
+    last_seen_ip: str | None = Field(default=None, max_length=64)
+    expires_at: datetime | None = _utc(nullable=False)
+    revoked_at: datetime | None = _utc()
+    expired_at: datetime | None = _utc()
