@@ -92,7 +92,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     for r in reports:
         print(
-            f"{r.stream}/{r.consumer}: {r.messages} messages, {r.applied} applied, "
+            f"{r.consumer}: {r.messages} messages, {r.applied} applied, "
             f"{r.duplicates} duplicates, {r.dead} dead-lettered"
         )
     return 0

@@ -1,28 +1,33 @@
 """`payments replay --into <url>`: rebuild every projection from the streams into an empty database.
 
-Each input stream is read from its first message with an ephemeral, unacknowledged consumer and
-fed to the same EventConsumer code the workers run, in stream order: REGISTRY first (so every
-orchestrator exists), then HEALTH, then WORKLOADS. What a live worker would retry is
+Every input stream (REGISTRY, HEALTH, WORKLOADS, SESSIONS) is read from its first message with
+an ephemeral, unacknowledged consumer. The streams are merged by the time JetStream stored each
+message, which is the order the live workers saw them in (up to their concurrency), and each
+message goes to the same EventConsumer code its live worker runs, in runs of consecutive
+messages for the same consumer, so the registry a session is attributed against and the order
+of entries on a balance are those of the live system. What a live worker would retry is
 dead-lettered in the new database, as it was dead-lettered live. Nothing is published: the
 outbox rows the rebuild writes are marked published, since their messages exist already.
 """
 
 from __future__ import annotations
 
+import heapq
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
 
-from contracts.streams import ALL_CONSUMERS, ConsumerSpec
+from contracts.streams import ConsumerSpec
 from shared.db.engine import make_engine, make_sessionmaker
 from shared.db.migrate import upgrade_async
 from shared.db.models import LedgerEntry, Orchestrator, OutboxMessage, ProcessedEvent, Workload
@@ -31,9 +36,13 @@ from shared.nats_client import connect
 from shared.settings import Settings
 
 REPLAY_FETCH_BATCH = 1000
-REPLAY_FETCH_TIMEOUT_S = 2.0
-REPLAY_CONSUMER_IDLE_S = 60.0
+REPLAY_APPLY_BATCH = 1000
+REPLAY_FETCH_TIMEOUT_S = 5.0
+REPLAY_CONSUMER_IDLE_S = 120.0
 PROGRESS_BAR_WIDTH = 30
+PROGRESS_EVERY_MESSAGES = 2000
+
+Route = tuple[ConsumerSpec, EventConsumer[Any]]
 
 
 class ReplayError(RuntimeError):
@@ -41,23 +50,56 @@ class ReplayError(RuntimeError):
 
 
 @dataclass
-class StreamReport:
-    stream: str
+class ConsumerReport:
     consumer: str
-    messages: int
-    applied: int
-    duplicates: int
-    dead: int
+    messages: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead: int = 0
 
 
-def replay_consumers() -> list[tuple[ConsumerSpec, EventConsumer[Any]]]:
-    """Every worker's consumers, in replay order (importing the worker modules builds them)."""
-    from workers import ledger, registry
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` is one token, `>` the rest."""
+    wanted, actual = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(actual) > index
+        if index >= len(actual) or (token != "*" and token != actual[index]):
+            return False
+    return len(wanted) == len(actual)
 
-    by_name = {c.consumer: c for module in (registry, ledger) for c in module.CONSUMERS}
-    order = ["registry-events", "registry-health", "ledger-workloads"]
-    specs = {spec.durable: spec for spec in ALL_CONSUMERS}
-    return [(specs[name], by_name[name]) for name in order]
+
+def live_routes() -> list[Route]:
+    """Every worker's consumers (importing the worker modules builds them)."""
+    from workers import ledger, registry, sessions
+
+    return [*registry.ROUTES, *ledger.ROUTES, *sessions.ROUTES]
+
+
+class Router:
+    def __init__(self, routes: list[Route], sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.routes = routes
+        self._bound: dict[str, EventConsumer[Any]] = {}
+        for _spec, template in routes:
+            if template.consumer not in self._bound:
+                self._bound[template.consumer] = EventConsumer(
+                    consumer=template.consumer,
+                    schemas=template.schemas,
+                    projector=template.projector,
+                    sessionmaker=sessions,
+                )
+
+    @property
+    def streams(self) -> list[str]:
+        return sorted({spec.stream for spec, _ in self.routes})
+
+    def consumer_for(self, stream: str, subject: str) -> EventConsumer[Any] | None:
+        for spec, template in self.routes:
+            if spec.stream == stream and any(
+                subject_matches(f, subject) for f in spec.filter_subjects
+            ):
+                return self._bound[template.consumer]
+        return None
 
 
 async def _require_empty(sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -70,32 +112,14 @@ async def _require_empty(sessions: async_sessionmaker[AsyncSession]) -> None:
                 )
 
 
-def _progress(label: str, done: int, total: int) -> None:
-    filled = PROGRESS_BAR_WIDTH if total == 0 else PROGRESS_BAR_WIDTH * done // total
-    bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
-    sys.stderr.write(f"\r{label:<18} [{bar}] {done}/{total}")
-    sys.stderr.flush()
-
-
-async def replay_stream(
-    js: JetStreamContext,
-    spec: ConsumerSpec,
-    template: EventConsumer[Any],
-    sessions: async_sessionmaker[AsyncSession],
-    show: Callable[[str, int, int], None] | None,
-) -> StreamReport:
-    info = await js.stream_info(spec.stream)
+async def read_stream(js: JetStreamContext, stream: str) -> AsyncIterator[Msg]:
+    info = await js.stream_info(stream)
     total = info.state.messages
-    consumer = EventConsumer(
-        consumer=template.consumer,
-        schemas=template.schemas,
-        projector=template.projector,
-        sessionmaker=sessions,
-    )
-    report = StreamReport(spec.stream, spec.durable, 0, 0, 0, 0)
+    if total == 0:
+        return
     subscription = await js.pull_subscribe(
-        spec.filter_subject,
-        stream=spec.stream,
+        ">",
+        stream=stream,
         config=ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE,
@@ -103,31 +127,94 @@ async def replay_stream(
             mem_storage=True,
         ),
     )
+    seen = 0
     try:
-        while report.messages < total:
+        while seen < total:
             try:
                 messages = await subscription.fetch(
                     REPLAY_FETCH_BATCH, timeout=REPLAY_FETCH_TIMEOUT_S
                 )
             except TimeoutError:
-                break
-            plan = await consumer.apply_final([Delivery.from_msg(m) for m in messages])
-            report.messages += len(messages)
-            report.applied += len(plan.applied)
-            report.duplicates += len(plan.duplicates)
-            report.dead += len(plan.dead)
-            if show:
-                show(f"{spec.stream}/{spec.durable}", report.messages, total)
+                return
+            for message in messages:
+                seen += 1
+                yield message
             if messages[-1].metadata.num_pending == 0:
-                break
+                return
     finally:
         await subscription.unsubscribe()
+
+
+async def merged(js: JetStreamContext, streams: list[str]) -> AsyncIterator[Msg]:
+    """All messages of `streams`, ordered by the time JetStream stored them."""
+    readers = [read_stream(js, name) for name in streams]
+    heap: list[tuple[datetime, str, int, int, Msg]] = []
+
+    async def push(index: int) -> None:
+        try:
+            message = await anext(readers[index])
+        except StopAsyncIteration:
+            return
+        metadata = message.metadata
+        heapq.heappush(
+            heap, (metadata.timestamp, metadata.stream, metadata.sequence.stream, index, message)
+        )
+
+    for index in range(len(readers)):
+        await push(index)
+    while heap:
+        *_, index, message = heapq.heappop(heap)
+        yield message
+        await push(index)
+
+
+async def _flush(
+    consumer: EventConsumer[Any] | None, pending: list[Delivery], reports: dict[str, ConsumerReport]
+) -> None:
+    if consumer is None or not pending:
+        return
+    plan = await consumer.apply_final(pending)
+    report = reports.setdefault(consumer.consumer, ConsumerReport(consumer.consumer))
+    report.messages += len(pending)
+    report.applied += len(plan.applied)
+    report.duplicates += len(plan.duplicates)
+    report.dead += len(plan.dead)
+
+
+async def replay_all(
+    js: JetStreamContext, router: Router, show: Callable[[int, int], None] | None
+) -> list[ConsumerReport]:
+    total = sum([(await js.stream_info(name)).state.messages for name in router.streams])
+    reports: dict[str, ConsumerReport] = {}
+    current: EventConsumer[Any] | None = None
+    pending: list[Delivery] = []
+    done = 0
+    async for message in merged(js, router.streams):
+        done += 1
+        consumer = router.consumer_for(message.metadata.stream, message.subject)
+        if consumer is not current or len(pending) >= REPLAY_APPLY_BATCH:
+            await _flush(current, pending, reports)
+            current, pending = consumer, []
+        if consumer is not None:
+            pending.append(Delivery.from_msg(message))
+        if show and done % PROGRESS_EVERY_MESSAGES == 0:
+            show(done, total)
+    await _flush(current, pending, reports)
     if show:
-        sys.stderr.write("\n")
-    return report
+        show(done, total)
+    return list(reports.values())
 
 
-async def replay(settings: Settings, target_url: str, progress: bool = True) -> list[StreamReport]:
+def progress_bar(done: int, total: int) -> None:
+    filled = PROGRESS_BAR_WIDTH if total == 0 else PROGRESS_BAR_WIDTH * min(done, total) // total
+    bar = "#" * filled + "." * (PROGRESS_BAR_WIDTH - filled)
+    sys.stderr.write(f"\rreplay [{bar}] {done}/{total} messages")
+    sys.stderr.flush()
+
+
+async def replay(
+    settings: Settings, target_url: str, progress: bool = True
+) -> list[ConsumerReport]:
     await upgrade_async(target_url)
     engine = make_engine(target_url)
     sessions = make_sessionmaker(engine)
@@ -135,10 +222,8 @@ async def replay(settings: Settings, target_url: str, progress: bool = True) -> 
     started = time.monotonic()
     try:
         await _require_empty(sessions)
-        reports = []
-        for spec, template in replay_consumers():
-            show = _progress if progress else None
-            reports.append(await replay_stream(nc.jetstream(), spec, template, sessions, show))
+        router = Router(live_routes(), sessions)
+        reports = await replay_all(nc.jetstream(), router, progress_bar if progress else None)
         async with sessions() as session, session.begin():
             await session.execute(
                 update(OutboxMessage)
@@ -149,5 +234,5 @@ async def replay(settings: Settings, target_url: str, progress: bool = True) -> 
         await nc.close()
         await engine.dispose()
     if progress:
-        sys.stderr.write(f"replayed in {time.monotonic() - started:.1f}s\n")
+        sys.stderr.write(f"\nreplayed in {time.monotonic() - started:.1f}s\n")
     return reports

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 from faststream import FastStream
 from faststream.nats import NatsBroker
 from faststream.security import SASLPlaintext
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError

@@ -233,7 +233,7 @@ workload_events: EventConsumer[Any] = EventConsumer(
     projector=LedgerProjector(),
     sessionmaker=runtime.sessionmaker,
 )
-CONSUMERS = (workload_events,)
+ROUTES = [(LEDGER_WORKLOADS_CONSUMER, workload_events)]
 
 
 @runtime.consume(LEDGER_WORKLOADS_CONSUMER)

@@ -157,7 +157,7 @@ health_reports = EventConsumer(
 )
 
 
-CONSUMERS = (registrations, health_reports)
+ROUTES = [(REGISTRY_EVENTS_CONSUMER, registrations), (REGISTRY_HEALTH_CONSUMER, health_reports)]
 
 
 @runtime.consume(REGISTRY_EVENTS_CONSUMER)

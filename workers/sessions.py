@@ -328,7 +328,7 @@ session_events: EventConsumer[Any] = EventConsumer(
     projector=SessionsProjector(),
     sessionmaker=runtime.sessionmaker,
 )
-CONSUMERS = (session_events,)
+ROUTES = [(spec, session_events) for spec in SESSION_PARTITION_CONSUMERS]
 
 
 @runtime.consume_partitions(SESSION_PARTITION_CONSUMERS)
