@@ -50,7 +50,7 @@ async def post_session_event(request: web.Request) -> web.Response:
         upstream_addr=body.upstream_addr,
         upstream_port=body.upstream_port,
         edge_id=body.edge_id,
-        event=body.event,  # type: ignore[arg-type]
+        event=body.event,
         received_at=utc_now(),
         credit_eth_per_minute=str(settings.session_credit_eth_per_minute),
         segment_seconds=settings.session_segment_seconds,

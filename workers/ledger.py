@@ -38,7 +38,7 @@ from contracts.events import (
     WorkloadTimeRecordedV1,
     WorkloadUpdatedV1,
 )
-from contracts.streams import LEDGER_WORKLOADS_CONSUMER
+from contracts.streams import LEDGER_WORKLOADS_CONSUMER, ConsumerSpec
 from shared.db.models import Workload
 from shared.db.repositories import ledger, registry, workloads
 from shared.db.repositories.ledger import NewEntry
@@ -233,7 +233,9 @@ workload_events: EventConsumer[Any] = EventConsumer(
     projector=LedgerProjector(),
     sessionmaker=runtime.sessionmaker,
 )
-ROUTES = [(LEDGER_WORKLOADS_CONSUMER, workload_events)]
+ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
+    (LEDGER_WORKLOADS_CONSUMER, workload_events)
+]
 
 
 @runtime.consume(LEDGER_WORKLOADS_CONSUMER)

@@ -45,6 +45,7 @@ from contracts.streams import (
     REGISTRY,
     REGISTRY_EVENTS_CONSUMER,
     REGISTRY_HEALTH_CONSUMER,
+    ConsumerSpec,
 )
 from shared.bootstrap import bootstrap_requests
 from shared.db.repositories import inbox, ledger, outbox, registry
@@ -157,7 +158,10 @@ health_reports = EventConsumer(
 )
 
 
-ROUTES = [(REGISTRY_EVENTS_CONSUMER, registrations), (REGISTRY_HEALTH_CONSUMER, health_reports)]
+ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
+    (REGISTRY_EVENTS_CONSUMER, registrations),
+    (REGISTRY_HEALTH_CONSUMER, health_reports),
+]
 
 
 @runtime.consume(REGISTRY_EVENTS_CONSUMER)

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts import subjects
 from contracts.events import ActivityLeaseCommandV1, SessionEventV1, SessionTickV1
-from contracts.streams import SESSION_PARTITION_CONSUMERS, SESSIONS
+from contracts.streams import SESSION_PARTITION_CONSUMERS, SESSIONS, ConsumerSpec
 from shared.db.models import ActivityLease, Orchestrator, Session
 from shared.db.repositories import ledger, registry, sessions
 from shared.db.repositories.ledger import NewEntry
@@ -328,7 +328,9 @@ session_events: EventConsumer[Any] = EventConsumer(
     projector=SessionsProjector(),
     sessionmaker=runtime.sessionmaker,
 )
-ROUTES = [(spec, session_events) for spec in SESSION_PARTITION_CONSUMERS]
+ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
+    (spec, session_events) for spec in SESSION_PARTITION_CONSUMERS
+]
 
 
 @runtime.consume_partitions(SESSION_PARTITION_CONSUMERS)

@@ -88,7 +88,7 @@ async def attribute(session: AsyncSession, address: str) -> str | None:
         if _matches(record, address):
             return record.orchestrator_id
     previous = await session.execute(
-        select(Session.orchestrator_id)
+        select(col(Session.orchestrator_id))
         .where(col(Session.upstream_addr) == address, col(Session.orchestrator_id).is_not(None))
         .order_by(col(Session.last_seen_at).desc())
         .limit(1)
@@ -141,7 +141,7 @@ async def activity_counts(
     """Active sessions and active leases per orchestrator, as the registry view shows them."""
     since = now - timedelta(seconds=idle_timeout_s)
     sessions_rows = await session.execute(
-        select(Session.orchestrator_id, func.count())
+        select(col(Session.orchestrator_id), func.count())
         .where(
             col(Session.orchestrator_id).is_not(None),
             col(Session.ended_at).is_(None),
@@ -150,7 +150,7 @@ async def activity_counts(
         .group_by(col(Session.orchestrator_id))
     )
     lease_rows = await session.execute(
-        select(ActivityLease.orchestrator_id, func.count())
+        select(col(ActivityLease.orchestrator_id), func.count())
         .where(*lease_active_conditions(now))
         .group_by(col(ActivityLease.orchestrator_id))
     )
