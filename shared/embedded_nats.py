@@ -90,6 +90,9 @@ class EmbeddedNats:
             env={**os.environ, **self.env()},
             stdout=output,
             stderr=output,
+            # Its own session: Ctrl-C in the terminal must not stop NATS before the workers
+            # have drained; the stack stops it last.
+            start_new_session=True,
         )
         self.wait_ready()
 

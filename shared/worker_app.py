@@ -27,8 +27,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from contracts.streams import ConsumerSpec
 from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
+from shared.event_consumer import EventConsumer, Projector
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
+from shared.outbox_relay import OutboxRelay
 from shared.pull_loop import BatchHandler, PartitionedPullLoop, PullLoop
 from shared.settings import Settings
 
@@ -79,7 +81,11 @@ class WorkerRuntime:
             on_shutdown=[self._shutdown],
         )
         self.pull_loops: list[PullLoop | PartitionedPullLoop] = []
+        self.event_consumers: list[EventConsumer[Any]] = []
+        self.relay: OutboxRelay | None = None
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
+        # Run first at shutdown, while NATS and the database are still open.
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- resources ----------------------------------------------------------------------------
 
@@ -106,6 +112,10 @@ class WorkerRuntime:
         await require_schema_at_head(self._engine)
         self._nc = await connect(self.settings, "worker", f"payments-{self.role}-publisher")
         await self._require_consumers()
+        self.relay = OutboxRelay(self.sessionmaker, self.js, self.role)
+        for consumer in self.event_consumers:
+            consumer.relay = self.relay
+        self.relay.start_sweeper()
         start_metrics_server(self.settings.metrics_port)
         for hook in self.startup_hooks:
             await hook()
@@ -116,8 +126,12 @@ class WorkerRuntime:
             await loop.start(self.js)
 
     async def _shutdown(self) -> None:
+        for hook in self.shutdown_hooks:
+            await hook()
         for loop in self.pull_loops:
             await loop.stop(GRACEFUL_DRAIN_S)
+        if self.relay is not None:
+            await self.relay.stop_sweeper()
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.drain()
@@ -139,6 +153,16 @@ class WorkerRuntime:
                 ) from None
 
     # -- handlers -----------------------------------------------------------------------------
+
+    def event_consumer(
+        self, *, consumer: str, schemas: dict[str, type[Any]], projector: Projector[Any]
+    ) -> EventConsumer[Any]:
+        """An EventConsumer on this worker's database whose outbox this worker publishes."""
+        built: EventConsumer[Any] = EventConsumer(
+            consumer=consumer, schemas=schemas, projector=projector, sessionmaker=self.sessionmaker
+        )
+        self.event_consumers.append(built)
+        return built
 
     def consume(self, spec: ConsumerSpec) -> Callable[[BatchHandler], BatchHandler]:
         """Register `handler` for batches of the durable pull consumer `spec`."""

@@ -44,7 +44,6 @@ from shared.db.repositories import ledger, registry, workloads
 from shared.db.repositories.ledger import NewEntry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.money import rate_credit_wei
-from shared.outbox_relay import OutboxRelay
 from shared.settings import load_settings
 from shared.worker_app import WorkerRuntime
 
@@ -227,11 +226,8 @@ SCHEMAS: dict[str, type[Any]] = {
         LedgerAdjustmentV1,
     )
 }
-workload_events: EventConsumer[Any] = EventConsumer(
-    consumer=LEDGER_WORKLOADS_CONSUMER.durable,
-    schemas=SCHEMAS,
-    projector=LedgerProjector(),
-    sessionmaker=runtime.sessionmaker,
+workload_events = runtime.event_consumer(
+    consumer=LEDGER_WORKLOADS_CONSUMER.durable, schemas=SCHEMAS, projector=LedgerProjector()
 )
 ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
     (LEDGER_WORKLOADS_CONSUMER, workload_events)
@@ -241,12 +237,3 @@ ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
 @runtime.consume(LEDGER_WORKLOADS_CONSUMER)
 async def on_workload_events(messages: list[Msg]) -> None:
     await workload_events.handle(messages)
-
-
-async def start_outbox() -> None:
-    relay = OutboxRelay(runtime.sessionmaker, runtime.js, "ledger")
-    workload_events.relay = relay
-    relay.start_sweeper()
-
-
-runtime.startup_hooks.append(start_outbox)

@@ -51,7 +51,6 @@ from shared.bootstrap import bootstrap_requests
 from shared.db.repositories import inbox, ledger, outbox, registry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.money import wei_to_eth
-from shared.outbox_relay import OutboxRelay
 from shared.publishing import publish_event
 from shared.rank import RankUnknown, TopOrchestrators
 from shared.settings import load_settings
@@ -144,17 +143,15 @@ class HealthProjector:
         return outcomes
 
 
-registrations = EventConsumer(
+registrations = runtime.event_consumer(
     consumer=REGISTRY_EVENTS_CONSUMER.durable,
     schemas={OrchestratorRegisteredV1.SCHEMA: OrchestratorRegisteredV1},
     projector=RegistrationProjector(),
-    sessionmaker=runtime.sessionmaker,
 )
-health_reports = EventConsumer(
+health_reports = runtime.event_consumer(
     consumer=REGISTRY_HEALTH_CONSUMER.durable,
     schemas={HealthReportV1.SCHEMA: HealthReportV1},
     projector=HealthProjector(),
-    sessionmaker=runtime.sessionmaker,
 )
 
 
@@ -292,11 +289,4 @@ async def publish_bootstrap() -> None:
     log.info("bootstrap registrations published")
 
 
-async def start_outbox() -> None:
-    relay = OutboxRelay(runtime.sessionmaker, runtime.js, "registry")
-    registrations.relay = relay
-    health_reports.relay = relay
-    relay.start_sweeper()
-
-
-runtime.startup_hooks += [start_outbox, publish_bootstrap]
+runtime.startup_hooks.append(publish_bootstrap)

@@ -50,7 +50,6 @@ from shared.db.models import ActivityLease, Orchestrator, Session
 from shared.db.repositories import ledger, registry, sessions
 from shared.db.repositories.ledger import NewEntry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
-from shared.outbox_relay import OutboxRelay
 from shared.publishing import publish_event
 from shared.session_billing import ClosedSegment, apply_event, apply_tick, end_run, iso_z, open_run
 from shared.settings import load_settings
@@ -322,11 +321,8 @@ class SessionsProjector:
 SCHEMAS: dict[str, type[Any]] = {
     model.SCHEMA: model for model in (SessionEventV1, SessionTickV1, ActivityLeaseCommandV1)
 }
-session_events: EventConsumer[Any] = EventConsumer(
-    consumer=CONSUMER,
-    schemas=SCHEMAS,
-    projector=SessionsProjector(),
-    sessionmaker=runtime.sessionmaker,
+session_events = runtime.event_consumer(
+    consumer=CONSUMER, schemas=SCHEMAS, projector=SessionsProjector()
 )
 ROUTES: list[tuple[ConsumerSpec, EventConsumer[Any]]] = [
     (spec, session_events) for spec in SESSION_PARTITION_CONSUMERS
@@ -372,11 +368,8 @@ async def tick_forever() -> None:
 ticker: asyncio.Task[None] | None = None
 
 
-async def start_background() -> None:
+async def start_ticker() -> None:
     global ticker
-    relay = OutboxRelay(runtime.sessionmaker, runtime.js, "sessions")
-    session_events.relay = relay
-    relay.start_sweeper()
     ticker = asyncio.create_task(tick_forever(), name="sessions:ticker")
 
 
@@ -387,5 +380,5 @@ async def stop_ticker() -> None:
             await ticker
 
 
-runtime.startup_hooks.append(start_background)
-runtime.app.on_shutdown(stop_ticker)
+runtime.startup_hooks.append(start_ticker)
+runtime.shutdown_hooks.append(stop_ticker)
