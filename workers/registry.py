@@ -25,8 +25,6 @@ Limits
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -37,28 +35,32 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from contracts import subjects
-from contracts.commands import COMMAND_TIMEOUT_S, CommandReply, RegisterCommandV1
-from contracts.events import AuditEventV1, HealthReportV1, OrchestratorRegisteredV1
-from contracts.http import RegisterRequest
+from contracts.commands import CommandReply, RegisterCommandV1
+from contracts.events import (
+    AuditEventV1,
+    HealthReportV1,
+    OrchestratorRegisteredV1,
+    RegistrationOrigin,
+)
 from contracts.streams import (
     AUDIT,
-    REGISTRY,
     REGISTRY_EVENTS_CONSUMER,
     REGISTRY_HEALTH_CONSUMER,
     ConsumerSpec,
 )
 from shared.bootstrap import bootstrap_requests
-from shared.db.repositories import inbox, ledger, outbox, registry
+from shared.db.repositories import ledger, outbox, registry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.money import wei_to_eth
-from shared.publishing import publish_event
 from shared.rank import RankUnknown, TopOrchestrators
+from shared.registration import (
+    publish_registration,
+    register_and_wait,
+    registered_event,
+    registration_key,
+)
 from shared.settings import load_settings
 from shared.worker_app import WorkerRuntime
-
-# The registration command answers within the api's COMMAND_TIMEOUT_S.
-REGISTRATION_APPLY_WAIT_S = COMMAND_TIMEOUT_S - 2.0
-REGISTRATION_POLL_S = 0.02
 
 log = logging.getLogger(__name__)
 
@@ -174,53 +176,6 @@ async def on_health_reports(messages: list[Msg]) -> None:
 # -- the registration command -----------------------------------------------------------------
 
 
-def registration_key(request: RegisterRequest, origin: str, at: datetime | None) -> str:
-    digest = hashlib.sha256(request.model_dump_json().encode("utf-8")).hexdigest()[:24]
-    stamp = at.isoformat() if at else "config"
-    return f"register:{origin}:{request.orchestrator_id}:{stamp}:{digest}"
-
-
-def registered_event(
-    request: RegisterRequest,
-    *,
-    origin: str,
-    is_top_100: bool | None,
-    request_ip: str | None,
-    at: datetime,
-) -> OrchestratorRegisteredV1:
-    metadata = request.model_dump(exclude={"orchestrator_id", "address"})
-    return OrchestratorRegisteredV1(
-        orchestrator_id=request.orchestrator_id,
-        address=request.address.lower(),
-        origin=origin,
-        is_top_100=is_top_100,
-        metadata=metadata,
-        request_ip=request_ip,
-        registered_at=at,
-    )
-
-
-async def publish_registration(event: OrchestratorRegisteredV1, key: str) -> None:
-    await publish_event(
-        runtime.js,
-        stream=REGISTRY.name,
-        subject=subjects.registry_event(event.orchestrator_id),
-        event=event,
-        key=key,
-    )
-
-
-async def wait_for_outcome(key: str) -> dict[str, Any] | None:
-    deadline = asyncio.get_running_loop().time() + REGISTRATION_APPLY_WAIT_S
-    while asyncio.get_running_loop().time() < deadline:
-        async with runtime.sessionmaker() as session:
-            found = await inbox.outcome_of(session, REGISTRY_EVENTS_CONSUMER.durable, key)
-        if found is not None:
-            return found
-        await asyncio.sleep(REGISTRATION_POLL_S)
-    return None
-
-
 def reply(status: int, body: dict[str, Any]) -> dict[str, Any]:
     return CommandReply(status=status, body=body).model_dump()
 
@@ -256,8 +211,7 @@ async def on_register_command(body: Any, message: NatsMessage) -> dict[str, Any]
             at=command.received_at,
         )
     key = registration_key(request, "public", command.received_at)
-    await publish_registration(event, key)
-    outcome = await wait_for_outcome(key)
+    outcome = await register_and_wait(runtime.js, runtime.sessionmaker, event, key)
     if outcome is None:
         return reply(503, {"detail": "Registration accepted but not applied yet; retry shortly"})
     answer_body = dict(outcome["body"])
@@ -276,7 +230,7 @@ async def balance_eth(orchestrator_id: str) -> str:
 
 async def publish_bootstrap() -> None:
     """Publish the configured bootstrap registrations; unchanged entries dedupe on their key."""
-    origin = "single" if settings.single_orchestrator_mode else "bootstrap"
+    origin: RegistrationOrigin = "single" if settings.single_orchestrator_mode else "bootstrap"
     at = datetime.now(UTC)
     for request in bootstrap_requests(settings):
         is_top = (
@@ -285,7 +239,7 @@ async def publish_bootstrap() -> None:
             else await top_orchestrators.contains(request.address)
         )
         event = registered_event(request, origin=origin, is_top_100=is_top, request_ip=None, at=at)
-        await publish_registration(event, registration_key(request, origin, None))
+        await publish_registration(runtime.js, event, registration_key(request, origin, None))
     log.info("bootstrap registrations published")
 
 
