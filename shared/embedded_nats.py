@@ -41,7 +41,9 @@ def free_port() -> int:
 
 
 def new_password() -> str:
-    return secrets.token_urlsafe(24)
+    # A leading letter: nats.conf parses a `$VAR` value starting with "-" or digits-then-"-"
+    # as something other than a string, and nats-server then refuses the config.
+    return "p" + secrets.token_urlsafe(24)
 
 
 @dataclass

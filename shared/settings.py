@@ -92,6 +92,20 @@ class Settings(BaseSettings):
     activity_lease_max_seconds: int = Field(default=3600, ge=30)
     payout_strategy: str = "eth_transfer"
 
+    # Image licensing.
+    secret_key: SecretStr | None = None
+    secret_key_previous: SecretStr | None = None
+    license_lease_seconds: int = Field(default=900, ge=30)
+    license_invite_default_ttl_seconds: int = Field(default=604_800, ge=60)
+    license_redeem_per_minute: int = Field(default=30, ge=1)
+    license_artifact_region: str | None = None
+    license_artifact_presign_seconds: int = Field(default=900, ge=1, le=604_800)
+    license_audit_log_path: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_addressing_style: str = Field(default="auto", pattern="^(auto|path|virtual)$")
+    edge_config_url: str | None = None
+    edge_config_token: SecretStr | None = None
+
     # Rank check against the Livepeer BondingManager transcoder pool.
     top_contract_address: str | None = _env("TOP_CONTRACT_ADDRESS")
     top_cache_ttl_seconds: float = Field(
@@ -163,8 +177,20 @@ class Settings(BaseSettings):
     def admin_token_configured(self) -> bool:
         return bool(self.api_admin_token and self.api_admin_token.get_secret_value())
 
+    @property
+    def resolved_license_audit_log(self) -> Path:
+        return self.license_audit_log_path or self.resolved_audit_dir / "license.log"
+
     def check_consistency(self) -> None:
         """Cross-field rules that pydantic's per-field validation cannot express."""
+        from shared.secrets_box import SecretKeyError, parse_key
+
+        for name in ("secret_key", "secret_key_previous"):
+            value = getattr(self, name)
+            try:
+                parse_key(value.get_secret_value() if value else None)
+            except SecretKeyError as error:
+                raise ValueError(f"PAYMENTS_{name.upper()}: {error}") from None
         if self.single_orchestrator_mode and not (
             self.single_orchestrator_id and self.single_orchestrator_address
         ):

@@ -233,11 +233,15 @@ async def publish_bootstrap() -> None:
     origin: RegistrationOrigin = "single" if settings.single_orchestrator_mode else "bootstrap"
     at = datetime.now(UTC)
     for request in bootstrap_requests(settings):
-        is_top = (
-            None
-            if settings.bootstrap_skip_rank_validation
-            else await top_orchestrators.contains(request.address)
-        )
+        is_top: bool | None = None
+        if not settings.bootstrap_skip_rank_validation:
+            try:
+                is_top = await top_orchestrators.contains(request.address)
+            except RankUnknown:
+                # Registered anyway, keeping its stored rank; the next start checks again.
+                log.warning(
+                    "bootstrap rank unknown", extra={"orchestrator_id": request.orchestrator_id}
+                )
         event = registered_event(request, origin=origin, is_top_100=is_top, request_ip=None, at=at)
         await publish_registration(runtime.js, event, registration_key(request, origin, None))
     log.info("bootstrap registrations published")

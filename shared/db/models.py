@@ -257,3 +257,75 @@ class ActivityLease(SQLModel, table=True):
     expires_at: datetime | None = _utc(nullable=False)
     revoked_at: datetime | None = _utc()
     expired_at: datetime | None = _utc()
+
+
+class LicenseImage(SQLModel, table=True):
+    """An encrypted image's secret (sealed, never plaintext) and where its artifact lives."""
+
+    __tablename__ = "license_images"
+
+    image_ref: str = Field(primary_key=True, max_length=512)
+    secret_sealed: bytes = Field(sa_column=Column(LargeBinary(), nullable=False))
+    artifact_s3_uri: str | None = Field(default=None, max_length=2048)
+    created_at: datetime | None = _utc(nullable=False)
+    rotated_at: datetime | None = _utc(nullable=False)
+    revoked_at: datetime | None = _utc()
+
+
+class OrchestratorToken(SQLModel, table=True):
+    """An orchestrator's API token, stored only as `sha256:<hex>`."""
+
+    __tablename__ = "orchestrator_tokens"
+
+    token_id: str = Field(primary_key=True, max_length=32)
+    orchestrator_id: str = Field(max_length=128, index=True)
+    token_hash: str = Field(max_length=80, unique=True)
+    created_at: datetime | None = _utc(nullable=False)
+    revoked_at: datetime | None = _utc()
+    last_seen_at: datetime | None = _utc()
+
+
+class LicenseAccess(SQLModel, table=True):
+    __tablename__ = "license_access"
+
+    orchestrator_id: str = Field(primary_key=True, max_length=128)
+    image_ref: str = Field(primary_key=True, max_length=512)
+    granted_at: datetime | None = _utc(nullable=False)
+
+
+class LicenseInvite(SQLModel, table=True):
+    """A wallet-bound, single-use invite; the code is stored only as `sha256:<hex>`."""
+
+    __tablename__ = "license_invites"
+
+    invite_id: str = Field(primary_key=True, max_length=32)
+    code_hash: str = Field(max_length=80, unique=True)
+    image_ref: str = Field(max_length=512)
+    bound_address: str = Field(max_length=42)
+    created_at: datetime | None = _utc(nullable=False)
+    expires_at: datetime | None = _utc(nullable=False)
+    note: str | None = Field(default=None, max_length=256)
+    revoked_at: datetime | None = _utc()
+    redeeming_at: datetime | None = _utc()
+    redeemed_at: datetime | None = _utc()
+    redeemed_by: str | None = Field(default=None, max_length=128)
+    redeemed_ip: str | None = Field(default=None, max_length=64)
+    redeemed_address: str | None = Field(default=None, max_length=42)
+    redeemed_token_id: str | None = Field(default=None, max_length=32)
+
+
+class LicenseLease(SQLModel, table=True):
+    __tablename__ = "license_leases"
+    __table_args__ = (Index("ix_license_leases_expiry", "revoked_at", "expires_at"),)
+
+    lease_id: str = Field(primary_key=True, max_length=32)
+    orchestrator_id: str = Field(max_length=128, index=True)
+    image_ref: str = Field(max_length=512, index=True)
+    token_id: str | None = Field(default=None, max_length=32)
+    lease_seconds: int
+    issued_at: datetime | None = _utc(nullable=False)
+    last_seen_at: datetime | None = _utc(nullable=False)
+    last_seen_ip: str | None = Field(default=None, max_length=64)
+    expires_at: datetime | None = _utc(nullable=False)
+    revoked_at: datetime | None = _utc()
+    end_reason: str | None = Field(default=None, max_length=32)
