@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import ledger, orchestrators, sessions, system, workloads
+from api import ledger, licenses, orchestrators, sessions, system, workloads
 from api.auth import Auth
 from api.context import CONTEXT, ApiContext
 from api.errors import error_middleware
@@ -18,6 +18,7 @@ from shared.settings import Settings, load_settings
 
 REGISTRATION_WINDOW_S = 60.0
 REGISTRATION_BURST_WINDOW_S = 10.0
+REDEEM_WINDOW_S = 60.0
 
 
 def setup_routes(app: web.Application) -> None:
@@ -26,6 +27,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", system.metrics)
     app.router.add_post("/api/orchestrators/register", orchestrators.register)
     app.router.add_get("/api/orchestrators", orchestrators.list_orchestrators)
+    app.router.add_get("/api/orchestrators/me", orchestrators.get_me)
+    app.router.add_get("/api/orchestrators/me/stats", orchestrators.my_stats)
     app.router.add_get("/api/orchestrators/{orchestrator_id}", orchestrators.get_orchestrator)
     app.router.add_post("/api/orchestrators/{orchestrator_id}/health", orchestrators.report_health)
     app.router.add_get("/api/orchestrators/{orchestrator_id}/stats", ledger.orchestrator_stats)
@@ -42,6 +45,23 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/activity/leases", sessions.list_leases)
     app.router.add_post("/api/activity/leases/{lease_id}/heartbeat", sessions.heartbeat_lease)
     app.router.add_delete("/api/activity/leases/{lease_id}", sessions.revoke_lease)
+    tokens = "/api/licenses/orchestrators/{orchestrator_id}/tokens"
+    app.router.add_post(tokens, licenses.mint_token)
+    app.router.add_get(tokens, licenses.list_tokens)
+    app.router.add_delete(tokens + "/{token_id}", licenses.revoke_token)
+    app.router.add_put("/api/licenses/images", licenses.put_image)
+    app.router.add_get("/api/licenses/images", licenses.list_images)
+    app.router.add_post("/api/licenses/images/revoke", licenses.revoke_image)
+    app.router.add_get("/api/licenses/access", licenses.list_access)
+    app.router.add_post("/api/licenses/access/grant", licenses.grant_access)
+    app.router.add_post("/api/licenses/access/revoke", licenses.revoke_access)
+    app.router.add_post("/api/licenses/invites", licenses.create_invite)
+    app.router.add_get("/api/licenses/invites", licenses.list_invites)
+    app.router.add_post("/api/licenses/invites/revoke", licenses.revoke_invite)
+    app.router.add_post("/api/licenses/invites/redeem", licenses.redeem_invite)
+    app.router.add_post("/api/licenses/lease", licenses.take_lease)
+    app.router.add_post("/api/licenses/lease/{lease_id}/heartbeat", licenses.heartbeat_lease)
+    app.router.add_get("/api/licenses/leases", licenses.list_leases)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -65,6 +85,9 @@ def create_app(settings: Settings) -> web.Application:
                     SlidingWindow(settings.registration_per_minute, REGISTRATION_WINDOW_S),
                     SlidingWindow(settings.registration_burst, REGISTRATION_BURST_WINDOW_S),
                 ]
+            ),
+            redeem_limits=RateLimiter(
+                [SlidingWindow(settings.license_redeem_per_minute, REDEEM_WINDOW_S)]
             ),
         )
         yield

@@ -21,6 +21,7 @@ class ApiContext:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     registration_limits: RateLimiter
+    redeem_limits: RateLimiter
 
 
 CONTEXT = web.AppKey("context", ApiContext)

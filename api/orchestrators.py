@@ -11,6 +11,8 @@ from aiohttp import web
 
 from api.context import context
 from api.errors import NotFound, Relayed, TooManyRequests
+from api.ledger import stats_response
+from api.orchestrator_auth import orchestrator_token
 from api.parsing import idempotency_key, parse_body, path_id
 from contracts import subjects
 from contracts.commands import CommandReply, RegisterCommandV1
@@ -176,3 +178,24 @@ async def report_health(request: web.Request) -> web.Response:
     )
     answer = AcceptedResponse(event_key=key, duplicate=bool(ack.duplicate))
     return web.json_response(answer.model_dump(), status=202)
+
+
+async def get_me(request: web.Request) -> web.Response:
+    """The caller's own record (orchestrator token), never redacted."""
+    ctx = context(request)
+    token = await orchestrator_token(request)
+    async with ctx.sessions() as session:
+        row = await registry.get(session, token.orchestrator_id)
+        if row is None:
+            raise NotFound("Not found")
+        balance = await ledger.balance_wei(session, token.orchestrator_id)
+        now = utc_now()
+        counts = await sessions.activity_counts(
+            session, now, ctx.settings.session_idle_timeout_seconds
+        )
+    return web.json_response(build_record(row, balance, now, request, False, counts))
+
+
+async def my_stats(request: web.Request) -> web.Response:
+    token = await orchestrator_token(request)
+    return await stats_response(request, token.orchestrator_id)

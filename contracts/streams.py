@@ -146,11 +146,29 @@ SESSION_PARTITION_CONSUMERS: tuple[ConsumerSpec, ...] = tuple(
     session_partition_consumer(p) for p in range(subjects.SESSION_PARTITIONS)
 )
 
+LICENSING_TICKS_CONSUMER = ConsumerSpec(
+    stream=SESSIONS.name,
+    durable="licensing-ticks",
+    filter_subjects=(f"{subjects.SESSIONS_TICKS}.0",),
+    description="Licensing worker: partition 0's ticks end expired image leases.",
+    batch_size=16,
+)
+AUDIT_SINK_CONSUMER = ConsumerSpec(
+    stream=AUDIT.name,
+    durable="audit-sink",
+    filter_subjects=(f"{subjects.AUDIT}.>",),
+    description="Audit worker: appends audit events to data/audit/<domain>.log in stream order.",
+    batch_size=1,
+    max_ack_pending=1,
+)
+
 ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
     REGISTRY_HEALTH_CONSUMER,
     REGISTRY_EVENTS_CONSUMER,
     LEDGER_WORKLOADS_CONSUMER,
     *SESSION_PARTITION_CONSUMERS,
+    LICENSING_TICKS_CONSUMER,
+    AUDIT_SINK_CONSUMER,
 )
 
 

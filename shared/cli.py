@@ -171,6 +171,19 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if result.clean else 1
 
 
+def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.secrets_box import SecretKeyError
+    from shared.secrets_rotation import rotate
+
+    try:
+        resealed, current = asyncio.run(rotate(settings))
+    except (SecretKeyError, ValueError) as error:
+        print(f"rotation failed: {error}", file=sys.stderr)
+        return 1
+    print(f"re-sealed {resealed} image secrets; {current} were already under the current key")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="payments", description="Payments pipeline operations.")
     groups = root.add_subparsers(dest="group", required=True)
@@ -208,6 +221,13 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--into", required=True, help="database URL of an empty database")
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
     replay.set_defaults(func=cmd_replay)
+
+    secrets_group = groups.add_parser("secrets", help="image secrets").add_subparsers(
+        dest="action", required=True
+    )
+    secrets_group.add_parser(
+        "rotate", help="re-seal every image secret under PAYMENTS_SECRET_KEY"
+    ).set_defaults(func=cmd_secrets_rotate)
 
     reconcile = groups.add_parser("reconcile", help="ledger reconciliation report")
     add_reconcile_arguments(reconcile)

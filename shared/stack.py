@@ -130,11 +130,16 @@ class _Stop(Exception):
 
 
 def _raise_stop(signum: int, _frame: object) -> None:
+    # One stop is enough: a second signal (Ctrl-C twice, or `timeout` signalling the group)
+    # must not interrupt the cleanup that stops the children and then NATS.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise _Stop()
 
 
 def _supervise(children: list[Child], env: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     try:
         while True:  # runs until Ctrl-C or SIGTERM
             time.sleep(0.5)
@@ -144,7 +149,7 @@ def _supervise(children: list[Child], env: dict[str, str]) -> None:
                     say(f"{child.name} exited with {code}; restarting in {RESTART_DELAY_S:.0f}s")
                     time.sleep(RESTART_DELAY_S)
                     child.start(env)
-    except (KeyboardInterrupt, _Stop):
+    except _Stop:
         say("stopping")
 
 

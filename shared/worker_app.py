@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from contracts.streams import ConsumerSpec
 from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
+from shared.db.repositories.outbox import SESSION_OUTBOX_IDS
 from shared.event_consumer import EventConsumer, Projector
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
@@ -153,6 +154,13 @@ class WorkerRuntime:
                 ) from None
 
     # -- handlers -----------------------------------------------------------------------------
+
+    async def commit_and_publish(self, session: AsyncSession) -> None:
+        """Commit a command's transaction, then publish what it wrote to the outbox."""
+        await session.commit()
+        ids = list(session.info.pop(SESSION_OUTBOX_IDS, []))
+        if self.relay is not None and ids:
+            await self.relay.publish_ids(ids)
 
     def event_consumer(
         self, *, consumer: str, schemas: dict[str, type[Any]], projector: Projector[Any]

@@ -3,4 +3,4 @@
 The embedded stack starts one copy of each; docker-compose.yml has one service per role.
 """
 
-ROLES: tuple[str, ...] = ("registry", "ledger", "sessions")
+ROLES: tuple[str, ...] = ("registry", "ledger", "sessions", "licensing", "audit")
