@@ -124,6 +124,10 @@ class PartitionedPullLoop:
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 await self._queue.put((message, done))
                 await done  # the partition's next message comes only after this one is settled
+        # As PullLoop does: a subscription left open holds the connection's drain at shutdown
+        # (its queue's unfinished pull responses) until nats-py's 30 s drain timeout.
+        with contextlib.suppress(Exception):
+            await subscription.unsubscribe()
 
     async def _apply(self) -> None:
         while not (self._fetching_done and self._queue.empty()):
