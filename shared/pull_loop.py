@@ -56,6 +56,10 @@ class PullLoop:
                 )
                 await asyncio.sleep(FETCH_ERROR_PAUSE_S)
                 continue
+            if not messages:
+                # nats-py's fetch can return an empty list (a 404/408 status answered its pull):
+                # no batch, so no empty write transaction and no "after commit" fault point.
+                continue
             # A fetched batch is always handled to the end, even while stopping: its messages
             # are ours until acked, and handling them is faster than waiting for ack_wait.
             await asyncio.shield(self.handler(messages))
