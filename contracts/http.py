@@ -149,6 +149,21 @@ class _ArtifactFields(BaseModel):
         return self
 
 
+# Amounts a ledger entry can hold: whole wei, below 2**256 (a uint256, NUMERIC(78, 0)).
+MAX_WEI = 2**256
+_MAX_ETH = Decimal(f"{MAX_WEI}E-18")  # exact; compared without arithmetic, which would round
+
+
+def whole_wei(name: str, value: Decimal) -> Decimal:
+    """An ETH amount of whole wei that fits a uint256; otherwise a clear validation error."""
+    exponent = value.normalize().as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -18:
+        raise ValueError(f"{name} has more than 18 decimal places (smaller than 1 wei)")
+    if value.copy_abs() >= _MAX_ETH:
+        raise ValueError(f"{name} is too large (at most 2**256 - 1 wei)")
+    return value
+
+
 class WorkloadTimeRequest(_ArtifactFields):
     duration_ms: int = Field(gt=0, le=86_400_000)
     # Checked by the handler after the orchestrator lookup, as the original did (400, not 422).
@@ -157,6 +172,11 @@ class WorkloadTimeRequest(_ArtifactFields):
 
 class WorkloadCreateRequest(_ArtifactFields):
     payout_amount_eth: Decimal = Field(gt=0)
+
+    @field_validator("payout_amount_eth")
+    @classmethod
+    def _whole_wei(cls, value: Decimal) -> Decimal:
+        return whole_wei("payout_amount_eth", value)
 
 
 class WorkloadPatchRequest(BaseModel):
@@ -199,10 +219,7 @@ class AdjustmentRequest(BaseModel):
     def _non_zero_whole_wei(cls, value: Decimal) -> Decimal:
         if not value.is_finite() or value == 0:
             raise ValueError("amount_eth must be a non-zero number")
-        exponent = value.normalize().as_tuple().exponent
-        if isinstance(exponent, int) and exponent < -18:
-            raise ValueError("amount_eth has more than 18 decimal places (smaller than 1 wei)")
-        return value
+        return whole_wei("amount_eth", value)
 
 
 class SessionEventRequest(BaseModel):
