@@ -190,3 +190,30 @@ async def test_ledger_entries_are_append_only_with_unique_keys(
     async with writer() as session:
         rows = list((await session.execute(select(LedgerEntry))).scalars())
     assert [(r.entry_key, r.amount_wei, r.reason) for r in rows] == [("once", 10**18, "adjustment")]
+
+
+# -- the HTTP edge: only amounts a ledger entry can hold get in ----------------------------------
+
+
+def test_request_amounts_must_be_whole_wei_within_uint256() -> None:
+    from pydantic import ValidationError
+
+    from contracts.http import AdjustmentRequest, WorkloadCreateRequest
+
+    largest = wei_to_eth(2**256 - 1)
+    assert eth_to_wei(AdjustmentRequest(orchestrator_id="o", amount_eth=largest).amount_eth) == (
+        2**256 - 1
+    )
+    assert eth_to_wei(
+        AdjustmentRequest(orchestrator_id="o", amount_eth="-" + largest).amount_eth
+    ) == (-(2**256) + 1)
+    fixed = {"workload_id": "w", "orchestrator_id": "o", "artifact_hash": "h"}
+    assert (
+        eth_to_wei(WorkloadCreateRequest(**fixed, payout_amount_eth="1e-18").payout_amount_eth) == 1
+    )
+    for amount in (wei_to_eth(2**256), "-" + wei_to_eth(2**256), "1e80", "1e-19", "0"):
+        with pytest.raises(ValidationError):
+            AdjustmentRequest(orchestrator_id="o", amount_eth=amount)
+    for amount in (wei_to_eth(2**256), "1e80", "1e-19", "0.0000000000000000001", "0"):
+        with pytest.raises(ValidationError):
+            WorkloadCreateRequest(**fixed, payout_amount_eth=amount)

@@ -455,7 +455,7 @@ async def test_adjustments_and_ledger_event_listing(stack: LedgerStack) -> None:
 
 
 async def test_every_entry_is_consistent_and_published_once(stack: LedgerStack) -> None:
-    """Runs last in the module: whatever the tests above did, the ledger adds up and the LEDGER
+    """After the tests above: whatever they did, the ledger adds up and the LEDGER
     stream holds exactly one message per entry."""
     await wait_until(lambda: consumer_drained(stack), 5.0, stack)
     rows = await entries(stack.sessions)
@@ -468,3 +468,40 @@ async def test_every_entry_is_consistent_and_published_once(stack: LedgerStack) 
     messages = await wait_until(all_published, 10.0, stack)
     ids = [m.headers[MSG_ID_HEADER] for m in messages]
     assert sorted(ids) == sorted(f"ledger:{r.entry_key}" for r in rows)
+
+
+async def test_amounts_no_ledger_entry_can_hold_are_refused_and_change_nothing(
+    stack: LedgerStack,
+) -> None:
+    """Below one wei, or beyond a uint256 (NUMERIC(78, 0) on PostgreSQL): a clear 422 at the
+    edge, never a 500 and never an event that the ledger worker cannot store."""
+    published_before = await stream_count(stack.js, WORKLOADS.name)
+    huge = "1" + "0" * 60  # 10**78 wei
+    bad = [
+        ("/api/ledger/adjustments", {"orchestrator_id": ORCH_ADJUST, "amount_eth": huge}),
+        ("/api/ledger/adjustments", {"orchestrator_id": ORCH_ADJUST, "amount_eth": "-" + huge}),
+        ("/api/ledger/adjustments", {"orchestrator_id": ORCH_ADJUST, "amount_eth": "1e-19"}),
+        (
+            "/api/workloads",
+            {
+                "workload_id": "wl-tiny",
+                "orchestrator_id": ORCH_FIXED,
+                "payout_amount_eth": "0.0000000000000000001",
+                "artifact_hash": "sha256:tiny",
+            },
+        ),
+        (
+            "/api/workloads",
+            {
+                "workload_id": "wl-huge",
+                "orchestrator_id": ORCH_FIXED,
+                "payout_amount_eth": "1e80",
+                "artifact_hash": "sha256:huge",
+            },
+        ),
+    ]
+    for path, document in bad:
+        answer = await call(stack.http, "POST", f"{stack.base}{path}", json=document)
+        assert answer.status == 422, (document, answer.status, answer.body)
+        assert "wei" in answer.body["detail"] or "large" in answer.body["detail"]
+    assert await stream_count(stack.js, WORKLOADS.name) == published_before
