@@ -6,6 +6,7 @@ payments nats provision [--check]  create streams and consumers, or only report 
 payments db upgrade                migrate the database to the newest schema
 payments dlq list [--all]          list dead letters
 payments dlq retry ID... | --all   publish dead letters again to their original subjects
+payments devchain [--port N]       Anvil with the TicketBroker double, for tests and demos
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ def cmd_secrets_rotate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_devchain(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.chain.devchain import run_devchain
+
+    return run_devchain(port=args.port, recipients=args.recipient or ())
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="payments", description="Payments pipeline operations.")
     groups = root.add_subparsers(dest="group", required=True)
@@ -232,6 +239,18 @@ def parser() -> argparse.ArgumentParser:
     reconcile = groups.add_parser("reconcile", help="ledger reconciliation report")
     add_reconcile_arguments(reconcile)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    devchain = groups.add_parser(
+        "devchain", help="Anvil on 127.0.0.1 with the TicketBroker double deployed (dev only)"
+    )
+    devchain.add_argument("--port", type=int, default=8545, help="RPC port (default 8545)")
+    devchain.add_argument(
+        "--recipient",
+        action="append",
+        metavar="ADDRESS",
+        help="a registered, active recipient; repeat for more (default: Anvil accounts 1-3)",
+    )
+    devchain.set_defaults(func=cmd_devchain)
     return root
 
 
