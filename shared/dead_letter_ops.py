@@ -64,7 +64,11 @@ async def retry_dead_letters(settings: Settings, ids: Sequence[int], retry_all: 
             )
             async with sessions() as session, session.begin():
                 await dead_letters.mark_retried(session, letter.id)
-            lines.append(f"{letter.id}\tretried as {letter.stream}#{ack.seq}")
+            if ack.duplicate:
+                # Retried moments ago: the stream's duplicate window kept the earlier copy.
+                lines.append(f"{letter.id}\talready retried as {letter.stream}#{ack.seq}")
+            else:
+                lines.append(f"{letter.id}\tretried as {letter.stream}#{ack.seq}")
     finally:
         await nc.close()
         await engine.dispose()
