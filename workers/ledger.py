@@ -39,9 +39,9 @@ from contracts.events import (
     WorkloadUpdatedV1,
 )
 from contracts.streams import LEDGER_WORKLOADS_CONSUMER, ConsumerSpec
-from shared.db.models import Workload
 from shared.db.repositories import ledger, registry, workloads
 from shared.db.repositories.ledger import NewEntry
+from shared.db.repositories.workloads import WorkloadRow
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.money import rate_credit_wei
 from shared.settings import load_settings
@@ -67,7 +67,7 @@ class LedgerProjector:
         known_orchestrators = await registry.get_many(
             session, {item.event.orchestrator_id for item in items}
         )
-        held = await workloads.get_many(
+        held = await workloads.load_rows(
             session,
             (i.event.workload_id for i in items if not isinstance(i.event, LedgerAdjustmentV1)),
         )
@@ -77,15 +77,15 @@ class LedgerProjector:
             if item.event.orchestrator_id not in known_orchestrators:
                 outcomes.append(Outcome.retry("unknown orchestrator"))
                 continue
-            outcomes.append(self._apply_one(session, item, held, entries))
+            outcomes.append(self._apply_one(item, held, entries))
+        await workloads.save_rows(session, held.values())
         await ledger.post_entries(session, entries)
         return outcomes
 
     def _apply_one(
         self,
-        session: AsyncSession,
         item: Decoded[WorkloadEvent],
-        held: dict[str, Workload],
+        held: dict[str, WorkloadRow],
         entries: list[NewEntry],
     ) -> Outcome:
         event = item.event
@@ -103,7 +103,6 @@ class LedgerProjector:
                 )
             return Outcome.done({"duplicate": same, "conflict": not same})
         workload = new_workload(event)
-        session.add(workload)
         held[workload.workload_id] = workload
         self._credit_if_due(item, workload, entries)
         return Outcome.done({"credited": workload.credited})
@@ -112,7 +111,7 @@ class LedgerProjector:
         self,
         item: Decoded[WorkloadEvent],
         event: WorkloadUpdatedV1,
-        held: dict[str, Workload],
+        held: dict[str, WorkloadRow],
         entries: list[NewEntry],
     ) -> Outcome:
         workload = held.get(event.workload_id)
@@ -124,11 +123,12 @@ class LedgerProjector:
                 if value is not None:
                     setattr(workload, name, value)
             workload.updated_at = event.received_at
+            workload.changed = True
         self._credit_if_due(item, workload, entries)
         return Outcome.done({"credited": workload.credited})
 
     def _credit_if_due(
-        self, item: Decoded[WorkloadEvent], workload: Workload, entries: list[NewEntry]
+        self, item: Decoded[WorkloadEvent], workload: WorkloadRow, entries: list[NewEntry]
     ) -> None:
         time_based = workload.kind == "time"
         if not workloads.creditable(workload):
@@ -137,10 +137,11 @@ class LedgerProjector:
             return
         workload.credited = True
         workload.credited_at = item.event.received_at
+        workload.changed = True
         entries.append(workload_entry(item, workload))
 
 
-def new_workload(event: WorkloadTimeRecordedV1 | WorkloadSubmittedV1) -> Workload:
+def new_workload(event: WorkloadTimeRecordedV1 | WorkloadSubmittedV1) -> WorkloadRow:
     common: dict[str, Any] = {
         "workload_id": event.workload_id,
         "orchestrator_id": event.orchestrator_id,
@@ -154,8 +155,9 @@ def new_workload(event: WorkloadTimeRecordedV1 | WorkloadSubmittedV1) -> Workloa
         "updated_at": event.received_at,
     }
     if isinstance(event, WorkloadTimeRecordedV1):
-        return Workload(
+        return WorkloadRow(
             **common,
+            is_new=True,
             kind="time",
             status=event.status,
             job_id=event.job_id,
@@ -163,12 +165,16 @@ def new_workload(event: WorkloadTimeRecordedV1 | WorkloadSubmittedV1) -> Workloa
             credit_eth_per_minute=event.credit_eth_per_minute,
             payout_amount_wei=rate_credit_wei(event.duration_ms, event.credit_eth_per_minute),
         )
-    return Workload(
-        **common, kind="fixed", status="pending", payout_amount_wei=event.payout_amount_wei
+    return WorkloadRow(
+        **common,
+        is_new=True,
+        kind="fixed",
+        status="pending",
+        payout_amount_wei=event.payout_amount_wei,
     )
 
 
-def workload_entry(item: Decoded[WorkloadEvent], workload: Workload) -> NewEntry:
+def workload_entry(item: Decoded[WorkloadEvent], workload: WorkloadRow) -> NewEntry:
     metadata: dict[str, Any] = {
         "workload_id": workload.workload_id,
         "plan_id": workload.plan_id,

@@ -15,6 +15,7 @@ from shared.db.models import OutboxMessage
 _TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
 # Where the ids written in the current transaction are collected for the relay.
 SESSION_OUTBOX_IDS = "outbox_ids"
+KEY_CHUNK = 500
 
 
 async def add(
@@ -78,8 +79,8 @@ async def add_many(
     if not rows:
         return []
     now = datetime.now(UTC)
-    result = await session.execute(
-        insert(_TABLE).returning(_TABLE.c.id, sort_by_parameter_order=True),
+    await session.execute(
+        insert(_TABLE),
         [
             {
                 "stream": stream,
@@ -92,6 +93,16 @@ async def add_many(
             for stream, subject, event, key in rows
         ],
     )
-    ids = [int(value) for value in result.scalars()]
+    # Ids by key rather than RETURNING: see ledger.post_entries.
+    keys = [key for _stream, _subject, _event, key in rows]
+    found: dict[str, int] = {}
+    for start in range(0, len(keys), KEY_CHUNK):
+        result = await session.execute(
+            select(_TABLE.c.event_key, _TABLE.c.id).where(
+                _TABLE.c.event_key.in_(keys[start : start + KEY_CHUNK])
+            )
+        )
+        found.update({key: int(row_id) for key, row_id in result.all()})
+    ids = [found[key] for key in keys]
     session.info.setdefault(SESSION_OUTBOX_IDS, []).extend(ids)
     return ids
