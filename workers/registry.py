@@ -133,7 +133,10 @@ class HealthProjector:
     async def apply(
         self, session: AsyncSession, items: Sequence[Decoded[HealthReportV1]]
     ) -> list[Outcome]:
-        records = await registry.get_many(session, (i.event.orchestrator_id for i in items))
+        # Locked: two copies applying reports of one orchestrator must not lose the newer one.
+        records = await registry.get_many(
+            session, (i.event.orchestrator_id for i in items), for_update=True
+        )
         outcomes = []
         for item in items:
             record = records.get(item.event.orchestrator_id)

@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from contracts import subjects
 from contracts.events import ActivityLeaseCommandV1, SessionEventV1, SessionTickV1
 from contracts.streams import SESSION_PARTITION_CONSUMERS, SESSIONS, ConsumerSpec
-from shared.db.models import ActivityLease, Orchestrator, Session
+from shared.db.models import ActivityLease, Session
 from shared.db.repositories import ledger, registry, sessions
 from shared.db.repositories.ledger import NewEntry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
@@ -75,7 +75,7 @@ class Batch:
         self.db = db
         self.sessions: dict[str, Session] = {}
         self.leases: dict[str, ActivityLease] = {}
-        self.orchestrators: dict[str, Orchestrator] = {}
+        self.contacts: dict[str, registry.Contact] = {}
         self.attributions: dict[str, str | None] = {}
         self.entries: list[NewEntry] = []
 
@@ -117,14 +117,12 @@ class Batch:
             )
 
     def contact(self, orchestrator_id: str, at: datetime, source: str, ip: str | None) -> None:
-        record = self.orchestrators.get(orchestrator_id)
-        if record is None:
-            return
-        if record.last_seen is None or at >= record.last_seen:
-            record.last_seen = at
-            record.last_contact_source = source
-            if ip:
-                record.last_seen_ip = ip[:64]
+        """Remember the newest contact; written once per orchestrator at the end of the batch."""
+        known = self.contacts.get(orchestrator_id)
+        if known is None:
+            self.contacts[orchestrator_id] = registry.Contact(at, source, ip)
+        elif at >= known.at:
+            known.at, known.source, known.ip = at, source, ip
 
 
 class SessionsProjector:
@@ -139,7 +137,6 @@ class SessionsProjector:
             i.event.lease_id for i in items if isinstance(i.event, ActivityLeaseCommandV1)
         ]
         batch.leases = await sessions.get_leases(db, lease_ids)
-        batch.orchestrators = {o.orchestrator_id: o for o in await registry.list_all(db)}
         outcomes = []
         for item in items:
             event = item.event
@@ -148,7 +145,8 @@ class SessionsProjector:
             elif isinstance(event, SessionTickV1):
                 outcomes.append(await self._tick(batch, item, event))
             else:
-                outcomes.append(self._lease_command(batch, event))
+                outcomes.append(await self._lease_command(batch, event))
+        await registry.record_contacts(db, batch.contacts)
         await ledger.post_entries(db, batch.entries)
         return outcomes
 
@@ -230,15 +228,15 @@ class SessionsProjector:
         lease.expires_at = at + timedelta(seconds=event.lease_seconds)
 
     def _record_contact(self, batch: Batch, session: Session, event: SessionEventV1) -> None:
-        record = batch.orchestrators.get(session.orchestrator_id or "")
-        if record is None:
+        if session.orchestrator_id is None:
             return
         at = event.received_at
-        if record.last_session_seen_at is None or at >= record.last_session_seen_at:
-            record.last_session_upstream_addr = session.upstream_addr
-            record.last_session_seen_at = at
-            record.last_session_edge_id = session.edge_id
-        batch.contact(record.orchestrator_id, at, "session", session.upstream_addr)
+        batch.contact(session.orchestrator_id, at, "session", session.upstream_addr)
+        contact = batch.contacts[session.orchestrator_id]
+        if contact.session_at is None or at >= contact.session_at:
+            contact.session_at = at
+            contact.session_addr = session.upstream_addr
+            contact.session_edge_id = session.edge_id
 
     async def _tick(
         self, batch: Batch, item: Decoded[SessionsEvent], tick: SessionTickV1
@@ -258,11 +256,11 @@ class SessionsProjector:
         expired = await sessions.expire_leases(batch.db, tick.partition, tick.at)
         return Outcome.done({"closed_sessions": closed_sessions, "expired_leases": expired})
 
-    def _lease_command(self, batch: Batch, command: ActivityLeaseCommandV1) -> Outcome:
+    async def _lease_command(self, batch: Batch, command: ActivityLeaseCommandV1) -> Outcome:
         at = command.received_at
         lease = batch.leases.get(command.lease_id)
         if command.action == "issue":
-            return self._issue_lease(batch, command, lease)
+            return await self._issue_lease(batch, command, lease)
         if lease is None or (
             command.orchestrator_id and lease.orchestrator_id != command.orchestrator_id
         ):
@@ -284,11 +282,14 @@ class SessionsProjector:
         lease.expires_at = at + timedelta(seconds=seconds)
         return Outcome.done({"status": 200})
 
-    def _issue_lease(
+    async def _issue_lease(
         self, batch: Batch, command: ActivityLeaseCommandV1, lease: ActivityLease | None
     ) -> Outcome:
         at = command.received_at
-        if command.orchestrator_id not in batch.orchestrators:
+        if (
+            command.orchestrator_id is None
+            or await registry.get(batch.db, command.orchestrator_id) is None
+        ):
             return Outcome.retry("unknown orchestrator")
         assert command.orchestrator_id is not None and command.lease_seconds is not None
         if lease is None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -24,13 +25,22 @@ async def by_address(session: AsyncSession, address: str) -> Orchestrator | None
     return rows.scalars().first()
 
 
-async def get_many(session: AsyncSession, ids: Iterable[str]) -> dict[str, Orchestrator]:
-    wanted = list(set(ids))
+async def get_many(
+    session: AsyncSession, ids: Iterable[str], *, for_update: bool = False
+) -> dict[str, Orchestrator]:
+    """`for_update` locks the rows on PostgreSQL (sorted, so workers cannot deadlock); SQLite's
+    writer already holds the database lock."""
+    wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await session.execute(
-        select(Orchestrator).where(col(Orchestrator.orchestrator_id).in_(wanted))
+    query = (
+        select(Orchestrator)
+        .where(col(Orchestrator.orchestrator_id).in_(wanted))
+        .order_by(col(Orchestrator.orchestrator_id))
     )
+    if for_update:
+        query = query.with_for_update()
+    rows = await session.execute(query)
     return {row.orchestrator_id: row for row in rows.scalars()}
 
 
@@ -145,3 +155,53 @@ def apply_health_report(record: Orchestrator, report: HealthReportV1) -> bool:
             record.last_seen_ip = reported_ip[:64]
         record.last_contact_source = report.source
     return True
+
+
+@dataclass
+class Contact:
+    """The latest contact an orchestrator made in one batch, and its latest session event."""
+
+    at: datetime
+    source: str
+    ip: str | None
+    session_at: datetime | None = None
+    session_addr: str | None = None
+    session_edge_id: str | None = None
+
+
+async def record_contacts(session: AsyncSession, contacts: dict[str, Contact]) -> None:
+    """Move `last_seen` (and the last session fields) forward, never back.
+
+    Conditional UPDATEs rather than read-modify-write: concurrent workers on PostgreSQL cannot
+    lose each other's newer contact, and no orchestrator row is loaded for it.
+    """
+    table = Orchestrator.__table__  # type: ignore[attr-defined]
+    for orchestrator_id in sorted(contacts):
+        contact = contacts[orchestrator_id]
+        values: dict[str, Any] = {"last_seen": contact.at, "last_contact_source": contact.source}
+        if contact.ip:
+            values["last_seen_ip"] = contact.ip[:64]
+        await session.execute(
+            update(table)
+            .where(
+                table.c.orchestrator_id == orchestrator_id,
+                or_(table.c.last_seen.is_(None), table.c.last_seen <= contact.at),
+            )
+            .values(**values)
+        )
+        if contact.session_at is not None:
+            await session.execute(
+                update(table)
+                .where(
+                    table.c.orchestrator_id == orchestrator_id,
+                    or_(
+                        table.c.last_session_seen_at.is_(None),
+                        table.c.last_session_seen_at <= contact.session_at,
+                    ),
+                )
+                .values(
+                    last_session_seen_at=contact.session_at,
+                    last_session_upstream_addr=contact.session_addr,
+                    last_session_edge_id=contact.session_edge_id,
+                )
+            )
