@@ -166,9 +166,8 @@ async def report_health(request: web.Request) -> web.Response:
     orchestrator_id = path_id(request, "orchestrator_id", "Unknown orchestrator")
     client_key = idempotency_key(request)
     body = await parse_body(request, HealthReportRequest)
-    async with ctx.sessions() as session:
-        if await registry.get(session, orchestrator_id) is None:
-            raise NotFound("Unknown orchestrator")
+    if not await ctx.orchestrator_exists(orchestrator_id):
+        raise NotFound("Unknown orchestrator")
     report = HealthReportV1(
         orchestrator_id=orchestrator_id, source=body.source, data=body.data, received_at=utc_now()
     )

@@ -34,7 +34,7 @@ from contracts.http import (
     WorkloadTimeRequest,
 )
 from contracts.streams import LEDGER_WORKLOADS_CONSUMER, WORKLOADS
-from shared.db.repositories import registry, workloads
+from shared.db.repositories import workloads
 from shared.money import eth_to_wei, wei_to_eth
 
 CONSUMER = LEDGER_WORKLOADS_CONSUMER.durable
@@ -49,9 +49,8 @@ def body_sha256(model: Any) -> str:
 
 
 async def _require_orchestrator(ctx: ApiContext, orchestrator_id: str) -> None:
-    async with ctx.sessions() as session:
-        if await registry.get(session, orchestrator_id) is None:
-            raise NotFound("Unknown orchestrator")
+    if not await ctx.orchestrator_exists(orchestrator_id):
+        raise NotFound("Unknown orchestrator")
 
 
 async def _existing_answer(ctx: ApiContext, workload_id: str, digest: str) -> web.Response | None:
