@@ -1,0 +1,138 @@
+"""Ledger benchmark: events/s from the WORKLOADS stream to committed ledger entries (SQLite).
+
+A fresh nats-server and SQLite database; N time-based workload events (distinct workload ids,
+five bootstrapped orchestrators) are stored in WORKLOADS first, then one real ledger worker
+process (`faststream run workers.ledger:app`) is started and timed until the inbox holds all N.
+The raw nats-py fetch+ack ceiling is measured in the same run, and the ratio printed.
+
+    .venv/bin/python bench/ledger.py [--events 20000]
+
+Target (DESIGN.md §6): >= 10,000 events/s from stream to committed entries on SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.ceiling import measure_ceiling
+from contracts import subjects
+from contracts.events import WorkloadTimeRecordedV1
+from contracts.streams import WORKLOADS
+from shared.nats_client import connect
+from shared.provisioning import provision
+from shared.publishing import event_headers
+from shared.settings import build_settings
+from tests.harness import create_database, stack_env, start_nats, start_worker
+
+ORCHESTRATORS = 5
+DRAIN_TIMEOUT_S = 600.0
+BOOTSTRAP = json.dumps(
+    [
+        {"orchestrator_id": f"orch-{i}", "address": "0x" + f"{i + 1:040x}"}
+        for i in range(ORCHESTRATORS)
+    ]
+)
+
+
+def count(db_path: Path, sql: str) -> int:
+    with sqlite3.connect(db_path) as connection:
+        return int(connection.execute(sql).fetchone()[0])
+
+
+async def store_backlog(url: str, ops_password: str, events: int) -> float:
+    settings = build_settings(nats_url=url, nats_ops_password=ops_password)
+    nc = await connect(settings, "ops", "bench-ledger")
+    js = nc.jetstream()
+    await provision(js, replicas=1)
+    started = time.perf_counter()
+    now = datetime.now(UTC)
+    for seq in range(events):
+        event = WorkloadTimeRecordedV1(
+            workload_id=f"bench-{seq}",
+            orchestrator_id=f"orch-{seq % ORCHESTRATORS}",
+            duration_ms=180_000,
+            credit_eth_per_minute="0.000005353596",
+            artifact_uri="/out.webm",
+            body_sha256=hashlib.sha256(str(seq).encode()).hexdigest(),
+            received_at=now,
+        )
+        key = f"workload_time:bench-{seq}"
+        await js.publish_async(
+            subjects.workload_time(event.orchestrator_id),
+            event.model_dump_json().encode(),
+            stream=WORKLOADS.name,
+            headers=event_headers(event, key),
+        )
+    await js.publish_async_completed()
+    await nc.close()
+    return events / (time.perf_counter() - started)
+
+
+async def run(events: int) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
+    nats = start_nats(root / "nats")
+    try:
+        database = await create_database("sqlite", root)
+        db_path = root / "payments.db"
+        publish_rate = await store_backlog(nats.url, nats.passwords.ops, events)
+        env = stack_env(nats, database, root / "data", PAYMENTS_BOOTSTRAP_ORCHESTRATORS=BOOTSTRAP)
+        registry = start_worker("registry", env, root)
+        deadline = time.monotonic() + 30
+        while count(db_path, "select count(*) from orchestrators") < ORCHESTRATORS:
+            if time.monotonic() > deadline:
+                raise TimeoutError("bootstrap orchestrators never appeared")
+            await asyncio.sleep(0.05)
+        ledger = start_worker("ledger", env, root)
+        started = time.perf_counter()
+        sql = "select count(*) from processed_events where consumer = 'ledger-workloads'"
+        while count(db_path, sql) < events:
+            if time.perf_counter() - started > DRAIN_TIMEOUT_S:
+                raise TimeoutError("the ledger worker did not drain the backlog")
+            await asyncio.sleep(0.05)
+        elapsed = time.perf_counter() - started
+        entries = count(db_path, "select count(*) from ledger_entries")
+        ledger.terminate()
+        registry.terminate()
+        return {
+            "events": events,
+            "entries": entries,
+            "seconds": elapsed,
+            "events_per_s": events / elapsed,
+            "publish_per_s": publish_rate,
+        }
+    finally:
+        nats.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--ceiling-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    ceiling = measure_ceiling(seconds=args.ceiling_seconds)
+    result = asyncio.run(run(args.events))
+    fetch_ack = float(ceiling.get("fetch_ack_per_s", 0.0))
+    print(
+        f"ledger: {result['events']:,} stored events -> {result['entries']:,} entries "
+        f"in {result['seconds']:.1f} s (worker start included)"
+    )
+    print(f"  {result['events_per_s']:,.0f} events/s to committed entries (target >= 10,000)")
+    if fetch_ack:
+        ratio = result["events_per_s"] / fetch_ack
+        print(f"  raw fetch+ack ceiling {fetch_ack:,.0f} msg/s; ratio {ratio:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
