@@ -1,0 +1,166 @@
+"""Session-heartbeat ingest: POST /api/sessions/events from 64 connections through the real stack.
+
+A fresh nats-server and SQLite database, one registry and one sessions worker, one api; every
+connection keeps its own sessions alive (a start, then heartbeats, each with its own event_id
+so every request is one stored event). Prints requests/s, p50/p99/max latency, the time until
+the sessions worker has applied everything, and the ratios to the raw nats-py ceiling measured
+in the same run.
+
+    .venv/bin/python bench/session_ingest.py [--connections 64] [--seconds 15]
+
+Target (DESIGN.md §6): >= 3,000 requests/s with p99 <= 50 ms, each event stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp
+
+from bench.ceiling import measure_ceiling
+from bench.health_ingest import percentile, provision_streams
+from bench.procstat import rss_mb
+from tests.harness import (
+    ADMIN_TOKEN,
+    create_database,
+    stack_env,
+    start_api,
+    start_nats,
+    start_worker,
+)
+
+ORCH_ID = "bench-orch-1"
+UPSTREAM = "198.51.100.9"
+BOOTSTRAP = json.dumps(
+    [{"orchestrator_id": ORCH_ID, "address": "0x" + "3" * 40, "host_public_ip": UPSTREAM}]
+)
+SESSIONS_PER_CONNECTION = 4
+DRAIN_TIMEOUT_S = 600.0
+REQUEST_TIMEOUT_S = 30.0
+
+
+def applied(db_path: Path) -> int:
+    with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT count(*) FROM processed_events WHERE consumer = 'sessions'")
+        return int(row.fetchone()[0])
+
+
+async def drive(base: str, connections: int, seconds: float) -> tuple[list[float], dict[str, int]]:
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    deadline = time.perf_counter() + seconds
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+
+        async def client(number: int) -> None:
+            sent = 0
+            while time.perf_counter() < deadline:
+                session_id = f"bench-{number}-{sent % SESSIONS_PER_CONNECTION}"
+                body = {
+                    "session_id": session_id,
+                    "upstream_addr": UPSTREAM,
+                    "upstream_port": 443,
+                    "edge_id": f"edge-{number % 8}",
+                    "event": "start" if sent < SESSIONS_PER_CONNECTION else "heartbeat",
+                    "event_id": f"{number}-{sent}",
+                }
+                started = time.perf_counter()
+                async with http.post(f"{base}/api/sessions/events", json=body) as answer:
+                    await answer.read()
+                    key = str(answer.status)
+                latencies.append(time.perf_counter() - started)
+                statuses[key] = statuses.get(key, 0) + 1
+                sent += 1
+
+        await asyncio.gather(*(client(n) for n in range(connections)))
+    return latencies, statuses
+
+
+async def run(connections: int, seconds: float) -> dict[str, float]:
+    root = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
+    nats = start_nats(root / "nats")
+    try:
+        database = await create_database("sqlite", root)
+        await provision_streams(nats)
+        env = stack_env(
+            nats,
+            database,
+            root / "data",
+            PAYMENTS_BOOTSTRAP_ORCHESTRATORS=BOOTSTRAP,
+            PAYMENTS_SESSION_CREDIT_ETH_PER_MINUTE="0.06",
+        )
+        workers = [start_worker("registry", env, root), start_worker("sessions", env, root)]
+        api, base = start_api(env, root)
+        await wait_for_orchestrator_at(base)
+        started = time.perf_counter()
+        latencies, statuses = await drive(base, connections, seconds)
+        http_elapsed = time.perf_counter() - started
+        accepted = statuses.get("202", 0)
+        while applied(root / "payments.db") < accepted:
+            if time.perf_counter() - started > DRAIN_TIMEOUT_S:
+                break
+            await asyncio.sleep(0.1)
+        total_elapsed = time.perf_counter() - started
+        latencies.sort()
+        figures = {
+            "requests": len(latencies),
+            "accepted": accepted,
+            "requests_per_s": len(latencies) / http_elapsed,
+            "p50_ms": percentile(latencies, 0.50) * 1000,
+            "p99_ms": percentile(latencies, 0.99) * 1000,
+            "max_ms": latencies[-1] * 1000 if latencies else 0.0,
+            "applied_per_s": applied(root / "payments.db") / total_elapsed,
+            "api_rss_mb": (rss_mb(api.process.pid) or 0.0) if api.process else 0.0,
+            "errors": sum(v for k, v in statuses.items() if k != "202"),
+        }
+        api.terminate()
+        for worker in workers:
+            worker.terminate()
+        return figures
+    finally:
+        nats.stop()
+
+
+async def wait_for_orchestrator_at(base: str) -> None:
+    """Until the registry worker has applied the bootstrap registration."""
+    async with aiohttp.ClientSession() as http:
+        for _attempt in range(300):
+            url = f"{base}/api/orchestrators/{ORCH_ID}"
+            async with http.get(url, headers={"X-Admin-Token": ADMIN_TOKEN}) as answer:
+                if answer.status == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError("the bootstrap orchestrator never appeared")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--ceiling-seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    ceiling = measure_ceiling(seconds=args.ceiling_seconds)
+    r = asyncio.run(run(args.connections, args.seconds))
+    raw_publish = float(ceiling["publish_per_s"])
+    rps, ratio = r["requests_per_s"], r["requests_per_s"] / raw_publish
+    print(f"session heartbeats: {args.connections} connections, {r['requests']:,.0f} requests")
+    print(f"  HTTP      {rps:,.0f} requests/s (target >= 3,000), errors {r['errors']:.0f}")
+    print(f"  latency   p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (target <= 50)")
+    print(f"  applied   {r['applied_per_s']:,.0f} events/s end to end")
+    print(f"  ceiling   raw publish {raw_publish:,.0f} msg/s; HTTP/raw {ratio:.2f}x")
+    print(f"  api RSS   {r['api_rss_mb']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
