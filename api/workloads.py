@@ -85,6 +85,20 @@ async def _publish_and_answer(
     return web.json_response(body, status=202)
 
 
+def accepted_record(
+    fields: dict[str, Any], payout_wei: int, received_at: datetime
+) -> dict[str, Any]:
+    """The WorkloadRecord shape for a workload accepted but not yet applied."""
+    return {
+        **fields,
+        "payout_amount_eth": wei_to_eth(payout_wei),
+        "submitted_at": received_at.isoformat(),
+        "tx_hash": None,
+        "credited": False,
+        "credited_at": None,
+    }
+
+
 async def create_time_workload(request: web.Request) -> web.Response:
     ctx = context(request)
     ctx.auth.require_admin(request)
@@ -103,14 +117,9 @@ async def create_time_workload(request: web.Request) -> web.Response:
         received_at=utc_now(),
     )
     amount = Decimal(body.duration_ms) * rate / Decimal(60_000)
-    provisional = {
-        **body.model_dump(exclude={"duration_ms"}),
-        "payout_amount_eth": wei_to_eth(eth_to_wei(amount)),
-        "submitted_at": event.received_at.isoformat(),
-        "tx_hash": None,
-        "credited": False,
-        "credited_at": None,
-    }
+    provisional = accepted_record(
+        body.model_dump(exclude={"duration_ms"}), eth_to_wei(amount), event.received_at
+    )
     return await _publish_and_answer(
         request,
         subject=subjects.workload_time(body.orchestrator_id),
@@ -135,15 +144,11 @@ async def create_workload(request: web.Request) -> web.Response:
         body_sha256=digest,
         received_at=utc_now(),
     )
-    provisional = {
-        **body.model_dump(exclude={"payout_amount_eth"}),
-        "payout_amount_eth": wei_to_eth(event.payout_amount_wei),
-        "status": "pending",
-        "submitted_at": event.received_at.isoformat(),
-        "tx_hash": None,
-        "credited": False,
-        "credited_at": None,
-    }
+    provisional = accepted_record(
+        {**body.model_dump(exclude={"payout_amount_eth"}), "status": "pending"},
+        event.payout_amount_wei,
+        event.received_at,
+    )
     return await _publish_and_answer(
         request,
         subject=subjects.workload_fixed(body.orchestrator_id),
