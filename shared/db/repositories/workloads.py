@@ -31,17 +31,6 @@ def creditable(workload: Workload | WorkloadRow) -> bool:
     )
 
 
-async def get_many(session: AsyncSession, ids: Iterable[str]) -> dict[str, Workload]:
-    wanted = list(dict.fromkeys(ids))
-    found: dict[str, Workload] = {}
-    for start in range(0, len(wanted), IN_CHUNK):
-        rows = await session.execute(
-            select(Workload).where(col(Workload.workload_id).in_(wanted[start : start + IN_CHUNK]))
-        )
-        found.update({row.workload_id: row for row in rows.scalars()})
-    return found
-
-
 async def get(session: AsyncSession, workload_id: str) -> Workload | None:
     return await session.get(Workload, workload_id)
 
