@@ -49,8 +49,8 @@ class ConsumerSpec:
     max_ack_pending: int = 4096
     ack_wait_s: float = ACK_WAIT_S
     max_deliver: int = MAX_DELIVER
-    # A pull returns when its batch is full or this much time has passed since the first
-    # message: it bounds the latency of a lone event at idle.
+    # How long a pull waits when nothing is waiting. With messages already pending, nats-py's
+    # fetch returns at once with what is there (often a few), so batches are small under load.
     fetch_timeout_s: float = 0.1
     extra: dict[str, str] = field(default_factory=dict)
 
