@@ -7,9 +7,10 @@ One fetched batch becomes one database transaction:
 3. let the projector apply the rest, each answering done, retry later, or dead;
 4. write inbox rows for the applied ones and dead-letter rows for the poison, in the same
    transaction as the effect; commit;
-5. publish what the transaction wrote to the outbox (see shared.outbox_relay);
-6. only then ack the applied and duplicate messages, term the dead ones and nak the rest with a
-   backoff delay.
+5. hand what the transaction wrote to the outbox to the relay, which publishes it in the
+   background (shared.outbox_relay): it is committed, so it no longer depends on the ack;
+6. ack the applied and duplicate messages, term the dead ones and nak the rest with a backoff
+   delay.
 
 A crash before the commit leaves nothing; a crash after it leaves the inbox row, so the
 redelivery is acked without a second effect. An unexpected exception rolls the batch back and
@@ -283,7 +284,7 @@ class EventConsumer(Generic[EventT]):
 
     async def _settle(self, msgs: dict[int, Msg], plan: Plan[EventT]) -> None:
         if self.relay is not None:
-            await self.relay.publish_ids(plan.outbox_ids)
+            await self.relay.submit(plan.outbox_ids)
         for item, _outcome in plan.applied:
             await msgs[id(item.delivery)].ack()
         for delivery in plan.duplicates:

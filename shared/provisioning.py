@@ -58,6 +58,8 @@ def stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
         allow_direct=True,
+        # The outbox relay stores each commit's messages as one atomic batch (one fsync).
+        allow_atomic=True,
     )
 
 
@@ -86,6 +88,7 @@ _STREAM_FIELDS = (
     "duplicate_window",
     "deny_delete",
     "deny_purge",
+    "allow_atomic",
 )
 _CONSUMER_FIELDS = (
     "deliver_policy",

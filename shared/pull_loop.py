@@ -42,29 +42,31 @@ class PullLoop:
         self._task = asyncio.create_task(self._run(subscription), name=f"pull:{self.spec.durable}")
 
     async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
-        while self._running:  # runs until stop()
-            try:
-                messages = await subscription.fetch(
-                    self.spec.batch_size, timeout=self.spec.fetch_timeout_s
-                )
-            except TimeoutError:
-                continue  # nothing arrived within fetch_timeout_s
-            except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as error:
-                log.warning(
-                    "fetch failed",
-                    extra={"consumer": self.spec.durable, "error": type(error).__name__},
-                )
-                await asyncio.sleep(FETCH_ERROR_PAUSE_S)
-                continue
-            if not messages:
-                # nats-py's fetch can return an empty list (a 404/408 status answered its pull):
-                # no batch, so no empty write transaction and no "after commit" fault point.
-                continue
-            # A fetched batch is always handled to the end, even while stopping: its messages
-            # are ours until acked, and handling them is faster than waiting for ack_wait.
-            await asyncio.shield(self.handler(messages))
+        # The next batch is fetched while this one is applied, so the round trip and the
+        # parsing of the next batch overlap the database work of this one.
+        next_batch: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch(subscription))
+        while next_batch is not None:  # until stop(): then the batch in flight is the last
+            messages = await next_batch
+            next_batch = asyncio.create_task(self._fetch(subscription)) if self._running else None
+            if messages:
+                # A fetched batch is always handled to the end, even while stopping: its
+                # messages are ours until acked, and handling them beats waiting for ack_wait.
+                await asyncio.shield(self.handler(messages))
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+        """One batch; empty when nothing arrived within fetch_timeout_s or the fetch failed."""
+        try:
+            return await subscription.fetch(self.spec.batch_size, timeout=self.spec.fetch_timeout_s)
+        except TimeoutError:
+            return []  # nothing arrived within fetch_timeout_s
+        except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as error:
+            log.warning(
+                "fetch failed", extra={"consumer": self.spec.durable, "error": type(error).__name__}
+            )
+            await asyncio.sleep(FETCH_ERROR_PAUSE_S)
+            return []
 
     async def stop(self, timeout_s: float) -> None:
         """Stop fetching; let the batch in hand commit and ack for up to `timeout_s`."""

@@ -113,10 +113,10 @@ class WorkerRuntime:
         await require_schema_at_head(self._engine)
         self._nc = await connect(self.settings, "worker", f"payments-{self.role}-publisher")
         await self._require_consumers()
-        self.relay = OutboxRelay(self.sessionmaker, self.js, self.role)
+        self.relay = OutboxRelay(self.sessionmaker, self.nc, self.role)
         for consumer in self.event_consumers:
             consumer.relay = self.relay
-        self.relay.start_sweeper()
+        self.relay.start()
         start_metrics_server(self.settings.metrics_port)
         for hook in self.startup_hooks:
             await hook()
@@ -132,7 +132,7 @@ class WorkerRuntime:
         for loop in self.pull_loops:
             await loop.stop(GRACEFUL_DRAIN_S)
         if self.relay is not None:
-            await self.relay.stop_sweeper()
+            await self.relay.stop(GRACEFUL_DRAIN_S)
         if self._nc is not None and not self._nc.is_closed:
             try:
                 await self._nc.drain()

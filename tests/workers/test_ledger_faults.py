@@ -199,7 +199,9 @@ async def test_killed_between_commit_and_ledger_publish_loses_and_doubles_nothin
         assert len(rows) == len(workload_ids) + 1
         assert_ledger_consistent(rows, await balances(stack.sessions))
         assert await processed_count(stack.sessions) == len(workload_ids) + 1
-        assert await processed_metric(metrics, "duplicate") == applied_before_crash
+        # The relay publishes in the background, so acks sent before the crash may or may not
+        # have left the process: a redelivered message is a duplicate, never a second credit.
+        assert 0 <= await processed_metric(metrics, "duplicate") <= applied_before_crash
         assert await dead_letters(stack.sessions) == []
         await assert_ledger_stream_matches(stack)
         # One more sweep interval: still one message per entry.
