@@ -122,7 +122,7 @@ class Plan(Generic[EventT]):
     duplicates: list[Delivery] = field(default_factory=list)
     retry: list[tuple[Delivery, str]] = field(default_factory=list)
     dead: list[tuple[Delivery, str]] = field(default_factory=list)
-    outbox_ids: list[int] = field(default_factory=list)
+    outbox_rows: list[outbox.PendingOutbox] = field(default_factory=list)
 
 
 def describe_error(error: BaseException) -> str:
@@ -249,7 +249,7 @@ class EventConsumer(Generic[EventT]):
             )
             await dead_letters.record(session, [self._letter(d, why) for d, why in plan.dead])
             fault_point(f"{self.consumer}:before_commit")
-            plan.outbox_ids = list(session.info.get(outbox.SESSION_OUTBOX_IDS, []))
+            plan.outbox_rows = outbox.pending_of(session)
         return plan
 
     async def _drop_duplicates(
@@ -284,7 +284,7 @@ class EventConsumer(Generic[EventT]):
 
     async def _settle(self, msgs: dict[int, Msg], plan: Plan[EventT]) -> None:
         if self.relay is not None:
-            await self.relay.submit(plan.outbox_ids)
+            await self.relay.submit(plan.outbox_rows)
         for item, _outcome in plan.applied:
             await msgs[id(item.delivery)].ack()
         for delivery in plan.duplicates:

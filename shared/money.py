@@ -4,6 +4,7 @@ amounts cross the edge as strings.
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_DOWN, Decimal, InvalidOperation, localcontext
 
 WEI_PER_ETH = 10**18
@@ -43,7 +44,16 @@ def wei_to_eth(wei: int) -> str:
 
 def rate_credit_wei(duration_ms: int, eth_per_minute: Decimal | str) -> int:
     """duration_ms × rate / 60000, computed exactly and truncated to whole wei."""
-    with localcontext() as context:
-        context.prec = _DECIMAL_PRECISION
-        amount = Decimal(duration_ms) * to_decimal(eth_per_minute) / Decimal(60_000)
-        return eth_to_wei(amount)
+    numerator, denominator = _wei_per_minute_ratio(str(eth_per_minute))
+    total = duration_ms * numerator
+    per = denominator * 60_000
+    whole = abs(total) // per
+    return whole if total >= 0 else -whole
+
+
+@functools.lru_cache(maxsize=256)
+def _wei_per_minute_ratio(eth_per_minute: str) -> tuple[int, int]:
+    """The rate in wei per minute as an exact fraction. Every event of a run carries the same
+    few rate strings, so the Decimal parsing is done once per rate, not once per credit."""
+    numerator, denominator = to_decimal(eth_per_minute).as_integer_ratio()
+    return numerator * WEI_PER_ETH, denominator

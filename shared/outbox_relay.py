@@ -27,6 +27,7 @@ from shared.atomic_batch import (
 )
 from shared.db.models import OutboxMessage
 from shared.db.repositories import outbox
+from shared.db.repositories.outbox import PendingOutbox
 from shared.faults import fault_point
 from shared.publishing import PUBLISH_TIMEOUT_S
 
@@ -42,6 +43,9 @@ MAX_RELAY_BACKLOG_ROWS = 20_000
 
 log = logging.getLogger(__name__)
 
+# A row to publish: read back from the table (the sweeper) or kept from the commit.
+OutboxRow = OutboxMessage | PendingOutbox
+
 
 class OutboxRelay:
     """Publishes each commit's rows as atomic batches, one per stream, in outbox order."""
@@ -55,30 +59,28 @@ class OutboxRelay:
         self.name = name
         self._sweeper: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
-        self._submitted: collections.deque[int] = collections.deque()
+        self._submitted: collections.deque[OutboxRow] = collections.deque()
         self._work = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._publishing = False
 
-    async def submit(self, ids: Sequence[int]) -> None:
+    async def submit(self, rows: Sequence[PendingOutbox]) -> None:
         """Queue a committed transaction's rows for the drain task (waits while it is behind)."""
-        if not ids:
+        if not rows:
             return
         await self._room.wait()
-        self._submitted.extend(ids)
+        self._submitted.extend(rows)
         self._work.set()
         if len(self._submitted) >= MAX_RELAY_BACKLOG_ROWS:
             self._room.clear()
 
-    async def publish_ids(self, ids: Sequence[int]) -> None:
+    async def publish_now(self, rows: Sequence[OutboxRow]) -> None:
         """Publish the rows a just-committed transaction wrote. Failures are left to the sweeper."""
-        if not ids:
+        if not rows:
             return
         fault_point(f"{self.name}:after_commit_before_publish")
         try:
-            async with self.sessionmaker() as session:
-                rows = await outbox.load(session, ids)
             await self._publish(rows)
         except Exception:
             log.exception(
@@ -91,7 +93,7 @@ class OutboxRelay:
         await self._publish(rows)
         return len(rows)
 
-    async def _publish(self, rows: Sequence[OutboxMessage]) -> None:
+    async def _publish(self, rows: Sequence[OutboxRow]) -> None:
         if not rows:
             return
         for chunk in _chunks_by_stream(rows):
@@ -99,7 +101,7 @@ class OutboxRelay:
         async with self.sessionmaker() as session, session.begin():
             await outbox.mark_published(session, [row.id for row in rows if row.id is not None])
 
-    async def _publish_chunk(self, rows: Sequence[OutboxMessage]) -> None:
+    async def _publish_chunk(self, rows: Sequence[OutboxRow]) -> None:
         try:
             await publish_atomic(self.nc, [_outgoing(row) for row in rows], PUBLISH_TIMEOUT_S)
             return
@@ -138,7 +140,7 @@ class OutboxRelay:
     async def _drain_forever(self) -> None:
         while True:  # runs for the life of the worker; cancelled on shutdown
             await self._work.wait()
-            ids = [
+            rows = [
                 self._submitted.popleft()
                 for _ in range(min(RELAY_ROUND_ROWS, len(self._submitted)))
             ]
@@ -148,7 +150,7 @@ class OutboxRelay:
                 self._room.set()
             self._publishing = True
             try:
-                await self.publish_ids(ids)
+                await self.publish_now(rows)
             finally:
                 self._publishing = False
 
@@ -161,7 +163,7 @@ class OutboxRelay:
                 log.exception("outbox sweep failed", extra={"relay": self.name})
 
 
-def _outgoing(row: OutboxMessage) -> OutgoingMessage:
+def _outgoing(row: OutboxRow) -> OutgoingMessage:
     return OutgoingMessage(
         subject=row.subject,
         body=row.body,
@@ -173,9 +175,9 @@ def _outgoing(row: OutboxMessage) -> OutgoingMessage:
     )
 
 
-def _chunks_by_stream(rows: Sequence[OutboxMessage]) -> list[list[OutboxMessage]]:
+def _chunks_by_stream(rows: Sequence[OutboxRow]) -> list[list[OutboxRow]]:
     """Consecutive rows of one stream, at most one atomic batch each, keeping outbox order."""
-    chunks: list[list[OutboxMessage]] = []
+    chunks: list[list[OutboxRow]] = []
     for row in rows:
         current = chunks[-1] if chunks else None
         if current and current[0].stream == row.stream and len(current) < MAX_ATOMIC_BATCH_MESSAGES:

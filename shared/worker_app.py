@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from contracts.streams import ConsumerSpec
 from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
-from shared.db.repositories.outbox import SESSION_OUTBOX_IDS
+from shared.db.repositories import outbox
 from shared.event_consumer import EventConsumer, Projector
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
@@ -158,9 +158,9 @@ class WorkerRuntime:
     async def commit_and_publish(self, session: AsyncSession) -> None:
         """Commit a command's transaction, then publish what it wrote to the outbox."""
         await session.commit()
-        ids = list(session.info.pop(SESSION_OUTBOX_IDS, []))
-        if self.relay is not None and ids:
-            await self.relay.publish_ids(ids)
+        pending = outbox.pending_of(session)
+        if self.relay is not None and pending:
+            await self.relay.publish_now(pending)
 
     def event_consumer(
         self, *, consumer: str, schemas: dict[str, type[Any]], projector: Projector[Any]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from decimal import Decimal, localcontext
+from decimal import ROUND_DOWN, Decimal, localcontext
 
 import pytest
 from hypothesis import given
@@ -217,3 +217,20 @@ def test_request_amounts_must_be_whole_wei_within_uint256() -> None:
     for amount in (wei_to_eth(2**256), "1e80", "1e-19", "0.0000000000000000001", "0"):
         with pytest.raises(ValidationError):
             WorkloadCreateRequest(**fixed, payout_amount_eth=amount)
+
+
+@given(
+    st.integers(0, 10**12),
+    st.decimals(min_value=0, max_value=1000, places=18, allow_nan=False, allow_infinity=False),
+)
+def test_rate_credit_equals_the_decimal_formula(duration_ms: int, rate: Decimal) -> None:
+    """The integer fast path gives exactly what duration × rate / 60000 truncated gives."""
+    with localcontext() as context:
+        context.prec = 100
+        expected = int(
+            (Decimal(duration_ms) * rate / Decimal(60_000) * 10**18).to_integral_value(
+                rounding=ROUND_DOWN
+            )
+        )
+    assert rate_credit_wei(duration_ms, rate) == expected
+    assert rate_credit_wei(duration_ms, str(rate)) == expected

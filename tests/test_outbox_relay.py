@@ -48,9 +48,9 @@ def entry(number: int) -> LedgerEntryV1:
 
 async def write_outbox(
     sessions: async_sessionmaker[AsyncSession], count: int, prefix: str = "relay"
-) -> list[int]:
-    """One commit's outbox rows, keys `ledger:<prefix>-<n>`; returns their ids."""
-    async with sessions() as session, session.begin():
+) -> list[outbox.PendingOutbox]:
+    """One commit's outbox rows, keys `ledger:<prefix>-<n>`, as the relay gets them."""
+    async with sessions() as session:
         await outbox.add_many(
             session,
             [
@@ -58,7 +58,8 @@ async def write_outbox(
                 for n in range(1, count + 1)
             ],
         )
-        return list(session.info[outbox.SESSION_OUTBOX_IDS])
+        await session.commit()
+        return outbox.pending_of(session)
 
 
 async def ledger_count(nc: NatsClient) -> int:
@@ -69,9 +70,9 @@ async def ledger_count(nc: NatsClient) -> int:
 async def test_relay_publishes_a_commit_as_one_batch_and_marks_it(
     nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    ids = await write_outbox(db_sessions, ENTRIES)
+    rows = await write_outbox(db_sessions, ENTRIES)
     relay = OutboxRelay(db_sessions, nc, "test")
-    await relay.publish_ids(ids)
+    await relay.publish_now(rows)
     assert await ledger_count(nc) == ENTRIES
     async with db_sessions() as session:
         assert await outbox.pending_count(session) == 0
@@ -84,15 +85,15 @@ async def test_relay_publishes_a_commit_as_one_batch_and_marks_it(
 async def test_republishing_after_a_crash_before_the_mark_stores_nothing_twice(
     nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    ids = await write_outbox(db_sessions, ENTRIES)
+    rows = await write_outbox(db_sessions, ENTRIES)
     relay = OutboxRelay(db_sessions, nc, "test")
-    await relay.publish_ids(ids[:3])
+    await relay.publish_now(rows[:3])
     # A crash between the publish and the mark: the rows look unpublished again.
     async with db_sessions() as session, session.begin():
         await session.execute(
             update(OutboxMessage.__table__).values(published_at=None)  # type: ignore[attr-defined]
         )
-    await relay.publish_ids(ids)  # the batch holds 3 stored ids: refused whole, then one by one
+    await relay.publish_now(rows)  # the batch holds 3 stored ids: refused whole, then one by one
     assert await ledger_count(nc) == ENTRIES
     async with db_sessions() as session:
         assert await outbox.pending_count(session) == 0

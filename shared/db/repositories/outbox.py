@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import insert, select, update
@@ -13,14 +14,33 @@ from contracts.events import EventModel
 from shared.db.models import OutboxMessage
 
 _TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
-# Where the ids written in the current transaction are collected for the relay.
-SESSION_OUTBOX_IDS = "outbox_ids"
+# Where the rows written in the current transaction are collected for the relay.
+SESSION_OUTBOX = "outbox_pending"
 KEY_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class PendingOutbox:
+    """A row the current transaction wrote, kept in memory so the relay publishes it after the
+    commit without reading it back (the sweeper reads the table for anything left behind)."""
+
+    id: int
+    stream: str
+    subject: str
+    event_key: str
+    schema_name: str
+    body: bytes
+
+
+def pending_of(session: AsyncSession) -> list[PendingOutbox]:
+    """Take the rows the session's transaction wrote (call after the commit)."""
+    return list(session.info.pop(SESSION_OUTBOX, []))
 
 
 async def add(
     session: AsyncSession, *, stream: str, subject: str, event: EventModel, key: str
 ) -> int:
+    body = event.model_dump_json().encode("utf-8")
     result = await session.execute(
         insert(_TABLE)
         .values(
@@ -28,13 +48,14 @@ async def add(
             subject=subject,
             event_key=key,
             schema_name=event.SCHEMA,
-            body=event.model_dump_json().encode("utf-8"),
+            body=body,
             created_at=datetime.now(UTC),
         )
         .returning(_TABLE.c.id)
     )
     new_id = int(result.scalar_one())
-    session.info.setdefault(SESSION_OUTBOX_IDS, []).append(new_id)
+    pending = PendingOutbox(new_id, stream, subject, key, event.SCHEMA, body)
+    session.info.setdefault(SESSION_OUTBOX, []).append(pending)
     return new_id
 
 
@@ -79,6 +100,10 @@ async def add_many(
     if not rows:
         return []
     now = datetime.now(UTC)
+    drafts = [
+        (stream, subject, key, event.SCHEMA, event.model_dump_json().encode("utf-8"))
+        for stream, subject, event, key in rows
+    ]
     await session.execute(
         insert(_TABLE),
         [
@@ -86,15 +111,15 @@ async def add_many(
                 "stream": stream,
                 "subject": subject,
                 "event_key": key,
-                "schema_name": event.SCHEMA,
-                "body": event.model_dump_json().encode("utf-8"),
+                "schema_name": schema,
+                "body": body,
                 "created_at": now,
             }
-            for stream, subject, event, key in rows
+            for stream, subject, key, schema, body in drafts
         ],
     )
     # Ids by key rather than RETURNING: see ledger.post_entries.
-    keys = [key for _stream, _subject, _event, key in rows]
+    keys = [key for _stream, _subject, key, _schema, _body in drafts]
     found: dict[str, int] = {}
     for start in range(0, len(keys), KEY_CHUNK):
         result = await session.execute(
@@ -103,6 +128,6 @@ async def add_many(
             )
         )
         found.update({key: int(row_id) for key, row_id in result.all()})
-    ids = [found[key] for key in keys]
-    session.info.setdefault(SESSION_OUTBOX_IDS, []).extend(ids)
-    return ids
+    pending = [PendingOutbox(found[draft[2]], *draft) for draft in drafts]
+    session.info.setdefault(SESSION_OUTBOX, []).extend(pending)
+    return [row.id for row in pending]
