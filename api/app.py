@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from api import ledger, licenses, orchestrators, sessions, system, workloads
+from api import jobs, ledger, licenses, orchestrators, sessions, system, workloads
 from api.auth import Auth
 from api.context import CONTEXT, ApiContext
 from api.errors import error_middleware
@@ -14,6 +14,7 @@ from api.event_store import EventStore
 from api.rate_limit import RateLimiter, SlidingWindow
 from shared.db.engine import make_engine, make_sessionmaker
 from shared.observability import configure_logging
+from shared.s3 import Presigner
 from shared.settings import Settings, load_settings
 
 REGISTRATION_WINDOW_S = 60.0
@@ -25,6 +26,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", system.healthz)
     app.router.add_get("/readyz", system.readyz)
     app.router.add_get("/metrics", system.metrics)
+    app.router.add_get("/docs/openapi.json", system.openapi)
+    app.router.add_get("/docs/asyncapi.json", system.asyncapi)
     app.router.add_post("/api/orchestrators/register", orchestrators.register)
     app.router.add_get("/api/orchestrators", orchestrators.list_orchestrators)
     app.router.add_get("/api/orchestrators/me", orchestrators.get_me)
@@ -62,6 +65,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/licenses/lease", licenses.take_lease)
     app.router.add_post("/api/licenses/lease/{lease_id}/heartbeat", licenses.heartbeat_lease)
     app.router.add_get("/api/licenses/leases", licenses.list_leases)
+    app.router.add_post("/api/jobs/record", jobs.record_job)
+    app.router.add_get("/api/jobs/{job_id}", jobs.get_job)
+    app.router.add_post("/api/jobs/{job_id}/cancel", jobs.cancel_job)
+    app.router.add_get("/api/recordings/presign", jobs.presign_recording)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -69,11 +76,17 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[error_middleware], client_max_size=settings.api_max_body_bytes
     )
     setup_routes(app)
+    app[system.DOCUMENTS] = {}
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url, writer=False)
         events = EventStore(settings)
         await events.start()
+        # Presigning is local (no request reaches S3): the api signs recording URLs itself,
+        # with a client made on the first request that needs one.
+        presigner = Presigner(
+            settings.recordings_region, settings.s3_endpoint_url, settings.s3_addressing_style
+        )
         app[CONTEXT] = ApiContext(
             settings=settings,
             auth=Auth(settings),
@@ -89,8 +102,10 @@ def create_app(settings: Settings) -> web.Application:
             redeem_limits=RateLimiter(
                 [SlidingWindow(settings.license_redeem_per_minute, REDEEM_WINDOW_S)]
             ),
+            presigner=presigner,
         )
         yield
+        await presigner.close()
         await events.stop()
         await engine.dispose()
 

@@ -11,6 +11,7 @@ from api.auth import Auth
 from api.event_store import EventStore
 from api.rate_limit import RateLimiter
 from shared.db.repositories import registry
+from shared.s3 import Presigner
 from shared.settings import Settings
 
 
@@ -23,6 +24,7 @@ class ApiContext:
     sessions: async_sessionmaker[AsyncSession]
     registration_limits: RateLimiter
     redeem_limits: RateLimiter
+    presigner: Presigner
 
     known_orchestrators: set[str] = field(default_factory=set)
 

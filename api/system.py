@@ -1,6 +1,8 @@
-"""Liveness, readiness and metrics."""
+"""Liveness, readiness, metrics, and the api's own documents."""
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,3 +37,29 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     body = generate_latest()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# Documents are generated once per app, on first request (the route table and contracts/ do
+# not change while it runs); the text is the one `payments docs write` checks in.
+DOCUMENTS = web.AppKey("generated_documents", dict[str, str])
+
+
+async def _document(request: web.Request, name: str) -> web.Response:
+    from shared.generated_docs import asyncapi_text, openapi_text
+
+    cache = request.app.get(DOCUMENTS, {})
+    if name not in cache:
+        if name == "openapi":
+            cache[name] = openapi_text(request.app)
+        else:
+            # FastStream's generator takes a moment: keep the event loop answering meanwhile.
+            cache[name] = await asyncio.to_thread(asyncapi_text)
+    return web.Response(text=cache[name], content_type="application/json")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return await _document(request, "openapi")
+
+
+async def asyncapi(request: web.Request) -> web.Response:
+    return await _document(request, "asyncapi")

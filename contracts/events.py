@@ -158,6 +158,56 @@ class LedgerEntryV1(EventModel):
     occurred_at: UtcDatetime
 
 
+PayoutStatus = Literal[
+    "claimed",
+    "signed",
+    "broadcast",
+    "paid",
+    "short_paid",
+    "retry",
+    "reverted",
+    "failed",
+    "expired",
+    "simulated",
+    "skipped",
+]
+
+
+class PayoutStateV1(EventModel):
+    """A payout reached `status`. `paid` and `short_paid` carry the debit the ledger holds for
+    it (entry key `payout:<payout_key>`), which `payments replay` rebuilds from this event."""
+
+    SCHEMA: ClassVar[str] = "payouts.state.v1"
+    payout_key: str
+    orchestrator_id: str
+    recipient: str
+    strategy: str
+    status: PayoutStatus
+    amount_wei: int
+    paid_wei: int | None = None
+    tx_hash: str | None = None
+    nonce: int | None = None
+    ticket_hash: str | None = None
+    reason: str | None = None
+    occurred_at: UtcDatetime
+
+
+class ChainTransactionV1(EventModel):
+    """A transaction of the payer account changed state (signed, broadcast, replaced, mined,
+    reverted)."""
+
+    SCHEMA: ClassVar[str] = "payouts.transaction.v1"
+    kind: str
+    sender: str
+    nonce: int
+    status: str
+    tx_hash: str
+    hashes: list[str]
+    payout_keys: list[str]
+    block_number: int | None = None
+    occurred_at: UtcDatetime
+
+
 SessionEventKind = Literal["start", "heartbeat", "end"]
 
 
@@ -201,3 +251,84 @@ class ActivityLeaseCommandV1(EventModel):
     metadata: dict[str, Any] | None = None
     request_ip: str | None = Field(default=None, max_length=64)
     received_at: UtcDatetime
+
+
+# The steps of a recording job, in order; each one's result is a JobStepRecordedV1.
+JOB_STEPS: tuple[str, ...] = (
+    "started",
+    "woken",
+    "ready",
+    "recording_started",
+    "script_started",
+    "script_finished",
+    "recording_stopped",
+    "uploaded",
+)
+JobStep = Literal[
+    "started",
+    "woken",
+    "ready",
+    "recording_started",
+    "script_started",
+    "script_finished",
+    "recording_stopped",
+    "uploaded",
+]
+JobEndState = Literal["completed", "failed", "cancelled"]
+
+
+class JobRequestedV1(EventModel):
+    """An admin's recording job, with the credit rate in force when the ingress received it."""
+
+    SCHEMA: ClassVar[str] = "jobs.requested.v1"
+    job_id: str = Field(min_length=1, max_length=156)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    notes: str | None = Field(default=None, max_length=1024)
+    script: dict[str, Any]
+    recording_label: str | None = Field(default=None, max_length=128)
+    recording_streamer_id: str | None = Field(default=None, max_length=128)
+    wake_seconds: int | None = Field(default=None, ge=0, le=86_400)
+    max_wait_seconds: int = Field(ge=1, le=3600)
+    delete_after_upload: bool
+    credit_eth_per_minute: str = Field(max_length=64)
+    received_at: UtcDatetime
+
+
+class JobStepRecordedV1(EventModel):
+    """One finished step of a job, stamped with the jobs worker's clock when it finished."""
+
+    SCHEMA: ClassVar[str] = "jobs.step.v1"
+    job_id: str = Field(min_length=1, max_length=156)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    step: JobStep
+    at: UtcDatetime
+    host: str | None = Field(default=None, max_length=255)
+    recording_file: str | None = Field(default=None, max_length=255)
+    runner_session_id: str | None = Field(default=None, max_length=128)
+    artifact_uri: str | None = Field(default=None, max_length=1024)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    duration_ms: int | None = Field(default=None, ge=0)
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobCancelRequestedV1(EventModel):
+    """An admin asked to cancel a job; the jobs worker ends it at its next check."""
+
+    SCHEMA: ClassVar[str] = "jobs.cancel.v1"
+    job_id: str = Field(min_length=1, max_length=156)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    received_at: UtcDatetime
+
+
+class JobFinishedV1(EventModel):
+    """A job's end: completed (its credit is stored on WORKLOADS), failed or cancelled."""
+
+    SCHEMA: ClassVar[str] = "jobs.finished.v1"
+    job_id: str = Field(min_length=1, max_length=156)
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    state: JobEndState
+    at: UtcDatetime
+    error: str | None = Field(default=None, max_length=1024)
+    workload_id: str | None = Field(default=None, max_length=255)

@@ -266,3 +266,38 @@ class ActivityLeaseHeartbeatRequest(BaseModel):
 
     orchestrator_id: str = Field(min_length=1, max_length=128)
     lease_seconds: int | None = Field(default=None, ge=30, le=86_400)
+
+
+# `job:<job_id>` must fit an activity lease id (160 characters), so job ids stop at 156.
+JOB_ID_MAX_CHARS = 156
+JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
+
+
+class JobRecordRequest(BaseModel):
+    """`POST /api/jobs/record`: a recording job, with the original's fields and limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # No "/" (the job is read back at /api/jobs/{job_id}) and no whitespace.
+    job_id: str | None = Field(
+        default=None, min_length=1, max_length=JOB_ID_MAX_CHARS, pattern=r"^[^/\s]+$"
+    )
+    orchestrator_id: str = Field(min_length=1, max_length=128)
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    notes: str | None = Field(default=None, max_length=1024)
+    # The runner's /scripts/execute payload; the jobs worker adds its own session_id.
+    script: dict[str, Any]
+    recording_label: str | None = Field(default=None, max_length=128)
+    recording_streamer_id: str | None = Field(default=None, max_length=128)
+    wake_seconds: int | None = Field(default=2400, ge=0, le=86_400)
+    max_wait_seconds: int = Field(default=900, ge=30, le=3600)
+    delete_after_upload: bool = True
+
+    @field_validator("script")
+    @classmethod
+    def _script_has_commands(cls, value: dict[str, Any]) -> dict[str, Any]:
+        commands = value.get("commands")
+        if not isinstance(commands, list) or not commands:
+            raise ValueError("script must have a non-empty commands list")
+        return {key: item for key, item in value.items() if key != "session_id"}

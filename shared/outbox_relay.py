@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import nats.errors
@@ -29,6 +30,7 @@ from shared.db.models import OutboxMessage
 from shared.db.repositories import outbox
 from shared.db.repositories.outbox import PendingOutbox
 from shared.faults import fault_point
+from shared.observability import PUBLISH_SECONDS
 from shared.publishing import PUBLISH_TIMEOUT_S
 
 # A row still unpublished this long after its commit was left by a crash: the sweeper takes it.
@@ -102,8 +104,10 @@ class OutboxRelay:
             await outbox.mark_published(session, [row.id for row in rows if row.id is not None])
 
     async def _publish_chunk(self, rows: Sequence[OutboxRow]) -> None:
+        started = time.perf_counter()
         try:
             await publish_atomic(self.nc, [_outgoing(row) for row in rows], PUBLISH_TIMEOUT_S)
+            PUBLISH_SECONDS.labels(rows[0].stream).observe(time.perf_counter() - started)
             return
         except (AtomicBatchRejected, nats.errors.TimeoutError) as error:
             # Most often a republish after a crash: some ids are stored already, and a batch
@@ -119,6 +123,7 @@ class OutboxRelay:
             for row in rows
         ]
         await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
+        PUBLISH_SECONDS.labels(rows[0].stream).observe(time.perf_counter() - started)
 
     def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"outbox-sweep:{self.name}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
@@ -19,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from contracts.streams import ConsumerSpec
+from shared.observability import EVENT_DELAY_SECONDS, HANDLER_SECONDS, MESSAGES_FETCHED, handling
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,25 @@ log = logging.getLogger(__name__)
 FETCH_ERROR_PAUSE_S = 0.5
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+async def handle_observed(consumer: str, handler: BatchHandler, messages: list[Msg]) -> None:
+    """Run `handler` on a batch: its log lines name the batch, its time and delay are metrics.
+
+    Shielded: a fetched batch is always handled to the end, even while stopping (its messages
+    are ours until acked, and handling them beats waiting for ack_wait).
+    """
+    MESSAGES_FETCHED.labels(consumer).inc(len(messages))
+    started = time.perf_counter()
+    with handling(consumer, messages):
+        # The shielded task copies this context, so the handler's log lines carry the batch.
+        await asyncio.shield(handler(messages))
+    HANDLER_SECONDS.labels(consumer).observe(time.perf_counter() - started)
+    try:
+        stored = messages[0].metadata.timestamp
+    except Exception:  # not a JetStream message (a test double): no stored time
+        return
+    EVENT_DELAY_SECONDS.labels(consumer).observe(max(0.0, time.time() - stored.timestamp()))
 
 
 class PullLoop:
@@ -49,9 +70,7 @@ class PullLoop:
             messages = await next_batch
             next_batch = asyncio.create_task(self._fetch(subscription)) if self._running else None
             if messages:
-                # A fetched batch is always handled to the end, even while stopping: its
-                # messages are ours until acked, and handling them beats waiting for ack_wait.
-                await asyncio.shield(self.handler(messages))
+                await handle_observed(self.spec.durable, self.handler, messages)
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
 
@@ -102,6 +121,9 @@ class PartitionedPullLoop:
         self._fetching_done = False
         self._queue: asyncio.Queue[tuple[Msg, asyncio.Future[None]]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._applier: asyncio.Task[None] | None = None
+        # One label for the partitions' shared batches: their durables' common prefix.
+        self._label = _common_prefix([spec.durable for spec in specs])
 
     async def start(self, js: JetStreamContext) -> None:
         self._running = True
@@ -146,7 +168,9 @@ class PartitionedPullLoop:
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await asyncio.shield(self.handler([message for message, _done in batch]))
+                await handle_observed(
+                    self._label, self.handler, [message for message, _done in batch]
+                )
             finally:
                 for _message, done in batch:
                     if not done.done():
@@ -163,6 +187,8 @@ class PartitionedPullLoop:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout_s)
         self._fetching_done = True
+        if self._applier is None:  # stopped before start() finished
+            return
         remaining = max(0.1, deadline - asyncio.get_running_loop().time())
         try:
             await asyncio.wait_for(self._applier, remaining)
@@ -170,3 +196,14 @@ class PartitionedPullLoop:
             self._applier.cancel()
         for task in self._tasks:
             task.cancel()
+
+
+def _common_prefix(names: list[str]) -> str:
+    """`sessions-p0`, `sessions-p1`, ... -> `sessions-p*` (character by character)."""
+    if len(names) == 1:
+        return names[0]
+    prefix = names[0]
+    for name in names[1:]:
+        while not name.startswith(prefix):
+            prefix = prefix[:-1]
+    return f"{prefix}*"

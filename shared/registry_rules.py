@@ -29,6 +29,43 @@ def services_up(data: dict[str, Any] | None) -> int | None:
     return value
 
 
+# The source the health poller stamps on the reports it publishes.
+HEALTH_URL_SOURCE = "health_url"
+
+
+@dataclass(frozen=True)
+class HealthRules:
+    miss_threshold: int
+    cooldown_s: float
+    default_min_uptime: float
+
+
+def assess_report(data: dict[str, Any], min_uptime: float) -> str:
+    """`miss`, `healthy`, `degraded` (services up, uptime below the minimum) or `unknown`.
+
+    A miss is a report with services and none of them up, or a poll that could not get a
+    readable answer (`reachable` false, or `malformed`): the orchestrator's health cannot be
+    shown. Reports without a summary say nothing either way.
+    """
+    if data.get("reachable") is False or data.get("malformed") is True:
+        return "miss"
+    summary = data.get("summary")
+    up = services_up(data)
+    if not isinstance(summary, dict) or up is None:
+        return "unknown"
+    total = summary.get("total_services")
+    if up == 0:
+        return (
+            "miss"
+            if isinstance(total, int) and not isinstance(total, bool) and total > 0
+            else "unknown"
+        )
+    uptime = summary.get("overall_uptime", summary.get("calculated_uptime"))
+    if isinstance(uptime, int | float) and not isinstance(uptime, bool) and uptime < min_uptime:
+        return "degraded"
+    return "healthy"
+
+
 def report_is_fresh(reported_at: datetime | None, now: datetime, ttl_s: float) -> bool:
     if reported_at is None:
         return False

@@ -71,9 +71,9 @@ def subject_matches(pattern: str, subject: str) -> bool:
 
 def live_routes() -> list[Route]:
     """Every worker's consumers (importing the worker modules builds them)."""
-    from workers import ledger, registry, sessions
+    from workers import jobs, ledger, payouts, registry, sessions
 
-    return [*registry.ROUTES, *ledger.ROUTES, *sessions.ROUTES]
+    return [*registry.ROUTES, *ledger.ROUTES, *sessions.ROUTES, *jobs.ROUTES, *payouts.ROUTES]
 
 
 class Router:

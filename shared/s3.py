@@ -1,9 +1,11 @@
 """S3 presigned URLs with aiobotocore; region, endpoint URL and addressing style make
-S3-compatible stores (MinIO, moto) work. Presigning is local: no request reaches S3.
+S3-compatible stores (MinIO, moto) work. Presigning is local: no request reaches S3. The one
+request made is `object_size`, which recording jobs use to confirm an upload landed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class Presigner:
         self.addressing_style = addressing_style
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
         session = get_session()
@@ -59,6 +63,13 @@ class Presigner:
                 "s3", region_name=self.region, endpoint_url=self.endpoint_url, config=config
             )
         )
+
+    async def ensure_started(self) -> None:
+        """Create the client on first use: it costs ~15 MB that a process never presigning
+        (an api nobody asks for recordings) keeps."""
+        async with self._starting:
+            if self._client is None:
+                await self.start()
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -71,6 +82,16 @@ class Presigner:
             ExpiresIn=expires_s,
         )
         return url
+
+    async def object_size(self, location: S3Location) -> int | None:
+        """The object's size in bytes, or None when it does not exist; other errors raise."""
+        try:
+            head = await self._client.head_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return int(head["ContentLength"])
 
     async def presign_get_or_none(self, uri: str | None, expires_s: int) -> str | None:
         """A fresh GET URL, or None when there is no URI, no credentials or any failure."""

@@ -14,7 +14,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_API_PORT = 8081
@@ -58,6 +65,8 @@ class Settings(BaseSettings):
     api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # How often each worker asks the server for every stream's and consumer's state (/metrics).
+    consumer_lag_poll_seconds: float = Field(default=10.0, gt=0, le=3600)
     log_level: str = "INFO"
 
     # Auth.
@@ -70,6 +79,13 @@ class Settings(BaseSettings):
 
     # Registry.
     forwarder_health_ttl_seconds: float = Field(default=120.0, gt=0)
+    # Health polling (the health-poller role) and the cooldowns misses start.
+    health_poll_interval_seconds: float = Field(default=60.0, gt=0)
+    health_poll_concurrency: int = Field(default=16, ge=1, le=1024)
+    default_health_timeout: float = Field(default=5.0, gt=0, le=120)
+    miss_threshold: int = Field(default=3, ge=1)
+    cooldown_seconds: float = Field(default=3600.0, ge=0)
+    default_min_service_uptime: float = Field(default=80.0, ge=0, le=100)
     session_idle_timeout_seconds: float = Field(default=120.0, gt=0)
     bootstrap_orchestrators: str | None = None
     bootstrap_orchestrators_path: Path | None = None
@@ -106,6 +122,57 @@ class Settings(BaseSettings):
     edge_config_url: str | None = None
     edge_config_token: SecretStr | None = None
 
+    # Recording jobs: where recordings go, and the orchestrator host's services they drive.
+    recordings_bucket: str | None = None
+    recordings_prefix: str = Field(default="recordings", max_length=256)
+    recordings_region: str | None = None
+    recordings_presign_seconds: int = Field(default=3600, ge=1, le=604_800)
+    job_power_port: int = Field(default=9090, ge=1, le=65535)
+    job_runner_port: int = Field(default=9877, ge=1, le=65535)
+    job_recorder_port: int = Field(default=8889, ge=1, le=65535)
+    job_http_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    job_ready_attempts: int = Field(default=60, ge=0, le=10_000)
+    job_ready_interval_seconds: float = Field(default=2.0, gt=0, le=600)
+    job_poll_interval_seconds: float = Field(default=1.0, gt=0, le=600)
+    job_upload_attempts: int = Field(default=90, ge=1, le=10_000)
+    job_upload_interval_seconds: float = Field(default=1.0, gt=0, le=600)
+
+    # Payouts (the original's names where it had them; see docs/payouts.md).
+    payout_threshold_eth: Decimal = Field(
+        default=Decimal("0.001"), gt=0, validation_alias="PAYMENT_PAYOUT_THRESHOLD_ETH"
+    )
+    payment_interval_seconds: float = Field(
+        default=60.0, gt=0, validation_alias="PAYMENT_INTERVAL_SECONDS"
+    )
+    # Secure by default, as the original: nothing is signed until an operator turns this off.
+    payment_dry_run: bool = Field(default=True, validation_alias="PAYMENT_DRY_RUN")
+    payment_private_key: SecretStr | None = Field(
+        default=None, validation_alias="PAYMENT_PRIVATE_KEY"
+    )
+    payment_private_key_file: Path | None = Field(
+        default=None, validation_alias="PAYMENT_PRIVATE_KEY_FILE"
+    )
+    payment_keystore_path: Path | None = Field(
+        default=None, validation_alias="PAYMENT_KEYSTORE_PATH"
+    )
+    payment_keystore_password: SecretStr | None = Field(
+        default=None, validation_alias="PAYMENT_KEYSTORE_PASSWORD"
+    )
+    payout_confirmations: int = Field(default=1, ge=1, le=1000)
+    payout_receipt_timeout_seconds: float = Field(default=300.0, gt=0)
+    # A broadcast transaction without a receipt this long is re-sent with higher fees.
+    payout_replace_after_seconds: float = Field(default=600.0, gt=0)
+    # How long a payouts worker's hold on the payer account lasts unless renewed.
+    payout_lease_seconds: float = Field(default=30.0, gt=0)
+    # After a payout reverted or failed, its orchestrator waits this long before the next try.
+    payout_retry_after_failure_seconds: float = Field(default=600.0, ge=0)
+    livepeer_ticket_broker_address: str | None = None
+    livepeer_deposit_autofund: bool = True
+    livepeer_deposit_target_eth: Decimal = Field(default=Decimal("0.02"), ge=0)
+    livepeer_deposit_low_watermark_eth: Decimal = Field(default=Decimal("0.01"), ge=0)
+    livepeer_batch_payouts: bool = True
+    livepeer_batch_max_tickets: int = Field(default=20, ge=1, le=200)
+
     # Rank check against the Livepeer BondingManager transcoder pool.
     top_contract_address: str | None = _env("TOP_CONTRACT_ADDRESS")
     top_cache_ttl_seconds: float = Field(
@@ -136,6 +203,29 @@ class Settings(BaseSettings):
         if value not in ("eth_transfer", "livepeer_ticket"):
             raise ValueError("must be eth_transfer or livepeer_ticket")
         return value
+
+    @field_validator("livepeer_ticket_broker_address")
+    @classmethod
+    def _broker_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if len(value) != ADDRESS_LENGTH or not value.startswith("0x"):
+            raise ValueError("must be a 0x-prefixed 40-hex-digit address")
+        int(value, 16)
+        return value
+
+    @model_validator(mode="after")
+    def _deposit_watermarks(self) -> Settings:
+        if self.livepeer_deposit_autofund and not (
+            self.livepeer_deposit_target_eth > 0
+            and 0 <= self.livepeer_deposit_low_watermark_eth <= self.livepeer_deposit_target_eth
+        ):
+            raise ValueError(
+                "PAYMENTS_LIVEPEER_DEPOSIT_AUTOFUND needs DEPOSIT_TARGET_ETH > 0 and "
+                "0 <= DEPOSIT_LOW_WATERMARK_ETH <= DEPOSIT_TARGET_ETH"
+            )
+        return self
 
     @field_validator("trusted_proxy_cidrs", "manager_ip_allowlist")
     @classmethod

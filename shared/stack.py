@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.db.migrate import upgrade
@@ -35,20 +35,24 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self, env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(self.argv, env=env)
+        self.process = subprocess.Popen(self.argv, env={**env, **self.extra_env})
 
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
 
-def child_commands() -> list[Child]:
+def child_commands(metrics_port: int | None = None) -> list[Child]:
+    """The api and one copy of every role. With PAYMENTS_METRICS_PORT set, the workers serve
+    /metrics on that port and the next ones, in ROLES order (each process needs its own)."""
     bin_dir = Path(sys.executable).parent
     children = [Child("api", [sys.executable, "-m", "api.app"])]
-    for role in ROLES:
+    for index, role in enumerate(ROLES):
         faststream = str(bin_dir / "faststream")
-        children.append(Child(role, [faststream, "run", f"workers.{role}:app"]))
+        extra = {"PAYMENTS_METRICS_PORT": str(metrics_port + index)} if metrics_port else {}
+        children.append(Child(role, [faststream, "run", f"workers.{role}:app"], extra_env=extra))
     return children
 
 
@@ -102,10 +106,13 @@ def run_stack() -> int:
         asyncio.run(provision_streams(settings))
         upgrade(settings.resolved_database_url)
         say(f"database {settings.resolved_database_url} migrated")
-        children = child_commands()
+        children = child_commands(settings.metrics_port)
         for child in children:
             child.start(env)
         say(f"api on http://{settings.api_host}:{settings.api_port}; workers: {', '.join(ROLES)}")
+        if settings.metrics_port:
+            last = settings.metrics_port + len(ROLES) - 1
+            say(f"worker /metrics on ports {settings.metrics_port}-{last}, in that order")
         _supervise(children, env)
     finally:
         _stop_children(children)

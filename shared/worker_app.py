@@ -34,6 +34,7 @@ from shared.observability import configure_logging, start_metrics_server
 from shared.outbox_relay import OutboxRelay
 from shared.pull_loop import BatchHandler, PartitionedPullLoop, PullLoop
 from shared.settings import Settings
+from shared.status import LagPoller
 
 # Time a stopping worker gives its in-flight batch to commit and ack.
 GRACEFUL_DRAIN_S = 20.0
@@ -84,6 +85,7 @@ class WorkerRuntime:
         self.pull_loops: list[PullLoop | PartitionedPullLoop] = []
         self.event_consumers: list[EventConsumer[Any]] = []
         self.relay: OutboxRelay | None = None
+        self.lag_poller = LagPoller(settings.consumer_lag_poll_seconds)
         self.startup_hooks: list[Callable[[], Awaitable[None]]] = []
         # Run first at shutdown, while NATS and the database are still open.
         self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
@@ -117,7 +119,10 @@ class WorkerRuntime:
         for consumer in self.event_consumers:
             consumer.relay = self.relay
         self.relay.start()
-        start_metrics_server(self.settings.metrics_port)
+        if self.settings.metrics_port:
+            start_metrics_server(self.settings.metrics_port)
+            # Only worth the server's time when something can scrape the gauges.
+            self.lag_poller.start(self.js)
         for hook in self.startup_hooks:
             await hook()
         log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
@@ -127,6 +132,7 @@ class WorkerRuntime:
             await loop.start(self.js)
 
     async def _shutdown(self) -> None:
+        await self.lag_poller.stop()
         for hook in self.shutdown_hooks:
             await hook()
         for loop in self.pull_loops:

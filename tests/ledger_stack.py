@@ -121,7 +121,7 @@ async def provision_nats(nats: EmbeddedNats, ack_wait_s: float | None = None) ->
 async def ledger_stack(
     backend: str,
     tmp: Path,
-    orchestrators: list[dict[str, str]],
+    orchestrators: list[dict[str, Any]],
     *,
     start_ledger: bool = True,
     ledger_env: dict[str, str] | None = None,

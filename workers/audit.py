@@ -82,19 +82,20 @@ class AuditSink:
             if seq <= self.position():
                 await message.ack()
                 continue
+            headers = message.headers or {}
+            key = headers.get(EVENT_KEY_HEADER) or headers.get(MSG_ID_HEADER)
             try:
                 event = AuditEventV1.model_validate_json(message.data)
             except ValidationError:
-                log.warning("malformed audit message", extra={"stream_seq": seq})
+                log.warning("malformed audit message", extra={"stream_seq": seq, "event_key": key})
                 await message.term()
                 continue
-            headers = message.headers or {}
             record = {
                 "timestamp": event.at.isoformat(),
                 "event": event.event,
                 **event.fields,
                 "stream_seq": seq,
-                "event_key": headers.get(EVENT_KEY_HEADER) or headers.get(MSG_ID_HEADER),
+                "event_key": key,
             }
             self.append(log_path(self.config, event.domain), json.dumps(record, default=str))
             self.save_position(seq)

@@ -99,7 +99,8 @@ class LedgerProjector:
             same = existing.body_sha256 == event.body_sha256
             if not same:
                 log.warning(
-                    "workload id reused with a different body", extra={"event_key": item.key}
+                    "workload id reused with a different body",
+                    extra={"event_key": item.key, "stream_seq": item.delivery.stream_seq},
                 )
             return Outcome.done({"duplicate": same, "conflict": not same})
         workload = new_workload(event)

@@ -10,12 +10,18 @@ Consumes
 Produces
   - REGISTRY events: registrations that passed the rank check, and the bootstrap and
     single-mode registrations this worker publishes when it starts.
-  - AUDIT `audit.registry.<event>` (register, register_denied) through the outbox.
+  - AUDIT `audit.registry.<event>` (register, register_denied, cooldown_started,
+    cooldown_cleared) through the outbox.
 
 Guarantee
   Each event changes the projection at most once (its event key is in the inbox, written in the
   same transaction); a health snapshot is kept newest-first by its ingress receive time, so
   redelivery and replay order do not matter. Time comes from the events, never the wall clock.
+  Reports also drive eligibility, in report-time order: PAYMENTS_MISS_THRESHOLD consecutive
+  misses (services reported but none up, or a health_url poll without a readable answer) start
+  a cooldown of PAYMENTS_COOLDOWN_SECONDS from the report's time (audited
+  `cooldown_started`); a healthy report after it ends clears it (`cooldown_cleared`). A report
+  not newer than the last one counted changes no count, so replay gives the same cooldowns.
 
 Limits
   A health report for an orchestrator the projection does not know yet is retried with backoff
@@ -49,6 +55,7 @@ from contracts.streams import (
     ConsumerSpec,
 )
 from shared.bootstrap import bootstrap_requests
+from shared.db.models import Orchestrator
 from shared.db.repositories import ledger, outbox, registry
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.money import wei_to_eth
@@ -59,6 +66,7 @@ from shared.registration import (
     registered_event,
     registration_key,
 )
+from shared.registry_rules import HealthRules
 from shared.settings import load_settings
 from shared.worker_app import WorkerRuntime
 
@@ -68,6 +76,11 @@ settings = load_settings()
 runtime = WorkerRuntime("registry", settings)
 app = runtime.app
 DENYLIST = frozenset(settings.address_denylist)
+HEALTH_RULES = HealthRules(
+    miss_threshold=settings.miss_threshold,
+    cooldown_s=settings.cooldown_seconds,
+    default_min_uptime=settings.default_min_service_uptime,
+)
 top_orchestrators = TopOrchestrators(
     settings.eth_rpc_url, settings.top_contract_address, settings.top_cache_ttl_seconds
 )
@@ -144,8 +157,36 @@ class HealthProjector:
                 outcomes.append(Outcome.retry("unknown orchestrator"))
                 continue
             changed = registry.apply_health_report(record, item.event)
-            outcomes.append(Outcome.done({"stored": changed}))
+            cooldown = registry.apply_health_verdict(record, item.event, HEALTH_RULES)
+            if cooldown is not None:
+                await audit_cooldown(session, item, record, cooldown)
+            outcomes.append(Outcome.done({"stored": changed, "cooldown": cooldown}))
         return outcomes
+
+
+async def audit_cooldown(
+    session: AsyncSession, item: Decoded[HealthReportV1], record: Orchestrator, name: str
+) -> None:
+    """`cooldown_started` / `cooldown_cleared`, dated by the report that caused it."""
+    expires = record.cooldown_expires_at
+    audit = AuditEventV1(
+        domain="registry",
+        event=name,
+        at=item.event.received_at,
+        fields={
+            "orchestrator_id": record.orchestrator_id,
+            "source": item.event.source,
+            "cooldown_expires_at": expires.isoformat() if expires else None,
+            "eligible_for_payments": record.eligible_for_payments,
+        },
+    )
+    await outbox.add(
+        session,
+        stream=AUDIT.name,
+        subject=subjects.audit("registry", name),
+        event=audit,
+        key=f"audit:{name}:{item.key}",
+    )
 
 
 registrations = runtime.event_consumer(

@@ -56,6 +56,9 @@ class Orchestrator(SQLModel, table=True):
     cooldown_expires_at: datetime | None = _utc()
     last_cooldown_started_at: datetime | None = _utc()
     last_cooldown_cleared_at: datetime | None = _utc()
+    # Miss counting follows report times: the newest report counted, and the run of misses.
+    health_checked_at: datetime | None = _utc()
+    consecutive_misses: int = 0
     last_session_upstream_addr: str | None = Field(default=None, max_length=64)
     last_session_seen_at: datetime | None = _utc()
     last_session_edge_id: str | None = Field(default=None, max_length=64)
@@ -329,3 +332,45 @@ class LicenseLease(SQLModel, table=True):
     expires_at: datetime | None = _utc(nullable=False)
     revoked_at: datetime | None = _utc()
     end_reason: str | None = Field(default=None, max_length=32)
+
+
+class RecordingJob(SQLModel, table=True):
+    """A recording job: the request, the last step the jobs worker finished, and its outcome.
+
+    A projection of the `jobs.>` events on WORKLOADS. `last_step_key` is the event key of the
+    newest request or step event applied: the one event the jobs worker drives next.
+    """
+
+    __tablename__ = "recording_jobs"
+    __table_args__ = (Index("ix_recording_jobs_orchestrator_state", "orchestrator_id", "state"),)
+
+    job_id: str = Field(primary_key=True, max_length=160)
+    orchestrator_id: str = Field(max_length=128)
+    state: str = Field(max_length=16)  # pending | running | completed | failed | cancelled
+    step: str = Field(max_length=32)
+    created_at: datetime | None = _utc(nullable=False, index=True)
+    updated_at: datetime | None = _utc(nullable=False)
+    started_at: datetime | None = _utc()
+    ended_at: datetime | None = _utc()
+    cancel_requested_at: datetime | None = _utc()
+    plan_id: str | None = Field(default=None, max_length=128)
+    run_id: str | None = Field(default=None, max_length=256)
+    notes: str | None = Field(default=None, max_length=1024)
+    recording_label: str | None = Field(default=None, max_length=128)
+    recording_streamer_id: str | None = Field(default=None, max_length=128)
+    wake_seconds: int | None = None
+    max_wait_seconds: int
+    delete_after_upload: bool = True
+    script: dict[str, Any] | None = _json()
+    credit_eth_per_minute: str = Field(max_length=64)
+    host: str | None = Field(default=None, max_length=255)
+    recording_file: str | None = Field(default=None, max_length=255)
+    runner_session_id: str | None = Field(default=None, max_length=128)
+    script_started_at: datetime | None = _utc()
+    workload_id: str | None = Field(default=None, max_length=255)
+    duration_ms: int | None = Field(default=None, sa_type=BigInteger)
+    artifact_uri: str | None = Field(default=None, max_length=1024)
+    artifact_hash: str | None = Field(default=None, max_length=256)
+    error: str | None = Field(default=None, max_length=1024)
+    steps: list[dict[str, Any]] | None = _json()
+    last_step_key: str = Field(max_length=300)

@@ -8,7 +8,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlmodel import SQLModel
 
-import shared.db.models  # noqa: F401  (registers the tables on SQLModel.metadata)
+# Importing the model modules registers their tables on SQLModel.metadata.
+from shared.db import health_poll_models, models, payout_models  # noqa: F401
 from shared.db.engine import make_engine
 
 target_metadata = SQLModel.metadata

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -13,7 +13,14 @@ from sqlmodel import col
 
 from contracts.events import HealthReportV1, OrchestratorRegisteredV1
 from shared.db.models import Orchestrator
-from shared.registry_rules import cooldown_active, eligible_for_payments, services_up
+from shared.registry_rules import (
+    HEALTH_URL_SOURCE,
+    HealthRules,
+    assess_report,
+    cooldown_active,
+    eligible_for_payments,
+    services_up,
+)
 
 
 async def get(session: AsyncSession, orchestrator_id: str) -> Orchestrator | None:
@@ -135,12 +142,56 @@ def _apply_metadata(record: Orchestrator, event: OrchestratorRegisteredV1) -> No
         setattr(record, name, value)
 
 
+def apply_health_verdict(
+    record: Orchestrator, report: HealthReportV1, rules: HealthRules
+) -> str | None:
+    """Count misses and start or clear a cooldown, by report time; returns `cooldown_started`,
+    `cooldown_cleared` or None. A report not newer than the last one counted changes nothing,
+    so redelivery and replay reach the same state."""
+    at = report.received_at
+    if record.health_checked_at is not None and at <= record.health_checked_at:
+        return None
+    record.health_checked_at = at
+    min_uptime = record.min_service_uptime
+    verdict = assess_report(
+        report.data, rules.default_min_uptime if min_uptime is None else min_uptime
+    )
+    if verdict == "miss":
+        record.consecutive_misses += 1
+        record.last_missed_all_services = at
+        if record.consecutive_misses < rules.miss_threshold:
+            return None
+        record.consecutive_misses = 0
+        record.cooldown_expires_at = at + timedelta(seconds=rules.cooldown_s)
+        record.last_cooldown_started_at = at
+        record.eligible_for_payments = eligible_for_payments(record, at)
+        return "cooldown_started"
+    if verdict != "healthy":
+        return None
+    record.consecutive_misses = 0
+    record.last_healthy_at = at
+    if record.cooldown_expires_at is None or record.cooldown_expires_at > at:
+        return None
+    record.cooldown_expires_at = None
+    record.last_cooldown_cleared_at = at
+    record.eligible_for_payments = eligible_for_payments(record, at)
+    return "cooldown_cleared"
+
+
 def apply_health_report(record: Orchestrator, report: HealthReportV1) -> bool:
     """Store the snapshot if it is newer than the one held; returns whether anything changed.
 
     Reports are applied newest-wins by their receive time, so redelivery or a replay in a
-    different order ends in the same state.
+    different order ends in the same state. A poll of the orchestrator's own `health_url` is a
+    contact, not a forwarder snapshot: it never makes the orchestrator look forwarder-fresh
+    (which would stop the polling).
     """
+    if report.source == HEALTH_URL_SOURCE:
+        if services_up(report.data):
+            record.last_seen = _later(record.last_seen, report.received_at)
+            record.last_contact_source = HEALTH_URL_SOURCE
+            return True
+        return False
     current = record.forwarder_health_reported_at
     if current is not None and report.received_at <= current:
         return False
