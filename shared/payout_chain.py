@@ -157,7 +157,7 @@ class PayerChain:
         return TxPlan("eth_transfer", to, value_wei, b"", max(gas, TRANSFER_GAS))
 
     def redeem_plan(self, tickets: list[SignedTicket], gas_per_ticket: int) -> TxPlan:
-        broker = self._require_broker()
+        broker = self.ticket_broker()
         if len(tickets) == 1:
             data = redeem_calldata(tickets[0])
             kind = "redeem"
@@ -167,11 +167,11 @@ class PayerChain:
         return TxPlan(kind, broker.address, 0, data, batch_gas_limit(len(tickets), gas_per_ticket))
 
     def fund_plan(self, amount_wei: int) -> TxPlan:
-        broker = self._require_broker()
+        broker = self.ticket_broker()
         data = bytes(HexBytes(broker.contract.encode_abi("fundDeposit", args=[])))
         return TxPlan("fund_deposit", broker.address, amount_wei, data, FUND_DEPOSIT_GAS)
 
-    def _require_broker(self) -> TicketBrokerClient:
+    def ticket_broker(self) -> TicketBrokerClient:
         if self.broker is None:
             raise RuntimeError("PAYMENTS_LIVEPEER_TICKET_BROKER_ADDRESS is not set")
         return self.broker

@@ -319,6 +319,15 @@ class PayoutEngine:
     async def _send_claimed(self) -> None:
         async with self.sessionmaker() as session:
             ready = await store.with_status(session, ("claimed", "retry"))
+        # A ticket that failed in its batch goes out again, but not every cycle: whatever made
+        # it fail (an inactive recipient, say) would cost a batch's gas each time.
+        wait = timedelta(seconds=self.settings.payout_retry_after_failure_seconds)
+        now = datetime.now(UTC)
+        ready = [
+            p
+            for p in ready
+            if p.status == "claimed" or p.updated_at is None or now - p.updated_at >= wait
+        ]
         if not ready:
             return
         if self.strategy == "eth_transfer":
@@ -362,7 +371,7 @@ class PayoutEngine:
                 tickets[payout.id] = ticket_from_json(payout.ticket)
                 continue
             if aux is None:
-                aux = await chain._require_broker().aux_data()
+                aux = await chain.ticket_broker().aux_data()
             tickets[payout.id] = create_signed_ticket(
                 payout.recipient, payout.amount_wei, aux, chain.account.key
             )
@@ -372,7 +381,7 @@ class PayoutEngine:
         """A retried ticket that is used or expired does not go out again."""
         if payout.ticket is None:
             return True
-        broker = self._chain()._require_broker()
+        broker = self._chain().ticket_broker()
         signed = ticket_from_json(payout.ticket)
         if await broker.is_ticket_used(signed.hash):
             # Redeemed outside our transactions (its calldata was public): it paid its face
@@ -595,7 +604,7 @@ class PayoutEngine:
         tickets = [ticket_from_json(p.ticket) for p in members if p.ticket is not None]
         report: RedemptionReport | None = None
         if success:
-            report = self._chain()._require_broker().redemption_report(receipt, tickets)
+            report = self._chain().ticket_broker().redemption_report(receipt, tickets)
         outcomes = {"0x" + o.ticket_hash.hex(): o for o in (report.outcomes if report else ())}
         for payout in members:
             outcome = outcomes.get(payout.ticket_hash or "")
@@ -616,7 +625,7 @@ class PayoutEngine:
     # -- the deposit (livepeer_ticket) ------------------------------------------------------
 
     async def _keep_deposit_above_watermark(self) -> None:
-        broker = self._chain()._require_broker()
+        broker = self._chain().ticket_broker()
         info = await broker.sender_info(self._chain().sender)
         low = eth_to_wei(self.settings.livepeer_deposit_low_watermark_eth)
         if info.deposit_wei >= low:
@@ -627,7 +636,7 @@ class PayoutEngine:
     async def _ensure_deposit(self, required_wei: int) -> str | None:
         """None when the deposit covers `required_wei` (topping it up if allowed), else why not."""
         chain = self._chain()
-        info = await chain._require_broker().sender_info(chain.sender)
+        info = await chain.ticket_broker().sender_info(chain.sender)
         if info.deposit_wei >= required_wei:
             return None
         if not self.settings.livepeer_deposit_autofund:
@@ -638,7 +647,7 @@ class PayoutEngine:
         target = eth_to_wei(self.settings.livepeer_deposit_target_eth)
         if not await self._fund(max(target, required_wei) - info.deposit_wei):
             return "the deposit top-up was not mined in time; the payouts wait for it"
-        info = await chain._require_broker().sender_info(chain.sender)
+        info = await chain.ticket_broker().sender_info(chain.sender)
         if info.deposit_wei < required_wei:
             return f"TicketBroker deposit {info.deposit_wei} wei still below {required_wei} wei"
         return None

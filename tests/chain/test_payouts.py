@@ -130,7 +130,9 @@ async def test_two_payouts_workers_pay_every_payout_once_with_contiguous_nonces(
 
 
 async def test_a_ticket_that_fails_in_its_batch_is_retried_unchanged(tmp_path: Path) -> None:
-    async with payout_stack("sqlite", tmp_path) as stack:
+    async with payout_stack(
+        "sqlite", tmp_path, PAYMENTS_PAYOUT_RETRY_AFTER_FAILURE_SECONDS="2"
+    ) as stack:
         failing = stack.orchestrator_ids[1]
         set_active(stack, stack.recipient(failing), False)
         expected = await credit_all(stack, "fails")
