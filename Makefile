@@ -29,14 +29,15 @@ $(TOOLS_STAMP): Makefile
 run: $(STAMP)
 	$(BIN)/payments stack run
 
-# The suite in two phases: most tests in parallel processes (they wait on real servers and
-# subprocesses far more than they compute), then the load and cluster tests alone, so their
-# timings are not squeezed by the rest. Exit code 5 ("nothing selected") is fine for a phase
+# The suite in two phases: most tests in parallel processes, each test file in one process
+# (module fixtures, and tests that run last in their file, stay together; the tests wait on real
+# servers and subprocesses far more than they compute), then the load and cluster tests alone,
+# so their timings are not squeezed by the rest. Exit code 5 ("nothing selected") is fine for a phase
 # when PYTEST_ARGS narrows the run.
 TEST_PROCESSES ?= 3
 SERIAL_TESTS := slow or cluster
 test: $(STAMP) $(TOOLS_STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) -m "not ($(SERIAL_TESTS))" $(PYTEST_ARGS) || test $$? -eq 5
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile -m "not ($(SERIAL_TESTS))" $(PYTEST_ARGS) || test $$? -eq 5
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "$(SERIAL_TESTS)" $(PYTEST_ARGS) || test $$? -eq 5
 
 lint: $(STAMP)
