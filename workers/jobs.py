@@ -88,6 +88,7 @@ from shared.db.models import Orchestrator, RecordingJob
 from shared.db.repositories import jobs, workloads
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.host_services import HostPorts, HostServiceError, HostServices
+from shared.observability import handling
 from shared.publishing import publish_event
 from shared.recording_jobs import JobCancelled, JobFailed, StepRunner, StepTools, utc_now
 from shared.s3 import Presigner
@@ -401,7 +402,9 @@ class JobDriver:
         if known is not None:
             known[0].msg = msg  # redelivered while this copy still drives it: keep the newest
             return
-        task = asyncio.create_task(self._handle(delivered), name=f"jobs:seq:{delivered.seq}")
+        # The task copies the context: every line it logs names the message (event key, seq).
+        with handling(self.spec.durable, [msg]):
+            task = asyncio.create_task(self._handle(delivered), name=f"jobs:seq:{delivered.seq}")
         self._driving[delivered.seq] = (delivered, task)
         task.add_done_callback(functools.partial(self._forget, delivered.seq))
 
