@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
@@ -126,10 +127,8 @@ async def claim(session: AsyncSession, payout: Payout) -> Payout | None:
                     claimed_at=_now(),
                 )
             )
-    except Exception as error:  # the claim's primary key: another payout is open
-        if "unique" in str(error).lower() or "duplicate" in str(error).lower():
-            return None
-        raise
+    except IntegrityError:  # the claim's primary key: another payout is open
+        return None
     return payout
 
 
