@@ -292,7 +292,7 @@ ROUTE_DOCS: dict[tuple[str, str], RouteDoc] = {
         "Presign a recording's download URL (the recordings bucket only)",
         "viewer",
         query=(Query("s3_uri", "s3://<recordings bucket>/<key>"),),
-        errors=(400,),
+        errors=(400, 422, 503),
     ),
 }
 

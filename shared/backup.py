@@ -32,15 +32,17 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import nats.errors
 from pydantic import SecretStr
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from contracts.streams import ALL_STREAMS
 from shared.db.engine import is_sqlite
@@ -72,6 +74,39 @@ PRIVATE_FILE_MODE = 0o600
 
 class BackupError(RuntimeError):
     """Refused or failed; the message says what to do and never quotes a secret."""
+
+
+class BackupFailed(BackupError):
+    """A step failed (rather than a check refusing): the message names the step."""
+
+
+# What the steps below raise besides BackupError; `backup` and `restore` turn each into one
+# BackupError naming the step, so the command prints one line instead of a traceback.
+FAILURES: tuple[type[BaseException], ...] = (
+    StreamBackupError,
+    nats.errors.Error,
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    sqlite3.Error,
+    SQLAlchemyError,  # the migration after the database is restored
+    subprocess.SubprocessError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
+CAUGHT: tuple[type[BaseException], ...] = (BackupError, *FAILURES)
+
+
+def inside(base: Path, relative: str | Path) -> Path:
+    """`base / relative`, resolved; refused unless it lies inside `base` (a manifest is not
+    trusted: `audit/../..` or an absolute path must not reach another folder)."""
+    root = base.resolve()
+    path = (base / relative).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise BackupError(f"the manifest names {str(relative)!r}, outside {base}: not restoring it")
+    return path
 
 
 @dataclass
@@ -106,16 +141,19 @@ class Manifest:
         path = folder / MANIFEST
         if not path.is_file():
             raise BackupError(f"{folder} has no {MANIFEST}: not a backup, or an interrupted one")
-        document = json.loads(path.read_text())
-        if document.get("format") != BACKUP_FORMAT:
-            raise BackupError(f"unknown backup format {document.get('format')!r}")
-        return cls(
-            created_at=document["created_at"],
-            database=document["database"],
-            streams=document["streams"],
-            audit_files=document["audit_files"],
-            files=document["files"],
-        )
+        try:
+            document = json.loads(path.read_text())
+            if document.get("format") != BACKUP_FORMAT:
+                raise BackupError(f"unknown backup format {document.get('format')!r}")
+            return cls(
+                created_at=document["created_at"],
+                database=document["database"],
+                streams=document["streams"],
+                audit_files=document["audit_files"],
+                files=document["files"],
+            )
+        except (ValueError, KeyError, AttributeError) as error:
+            raise BackupError(f"{path} is damaged ({type(error).__name__}: {error})") from None
 
     def lines(self) -> list[str]:
         db = self.database
@@ -324,15 +362,22 @@ async def check_database_target(database_url: str) -> None:
         await pg_prepare_target(make_url(database_url))
 
 
-async def restore_database(backup: Path, manifest: Manifest, database_url: str) -> None:
-    source = backup / manifest.database["file"]
+def check_database_kind(manifest: Manifest, database_url: str) -> str | None:
+    """Refuse a backup of the other database kind; for PostgreSQL, the pg_restore to use.
+    Called before anything is restored, so a refusal changes nothing."""
     kind = manifest.database["kind"]
     if is_sqlite(database_url) != (kind == "sqlite"):
         raise BackupError(
             f"the backup holds a {kind} database; PAYMENTS_DATABASE_URL names another kind "
             "(move between them with `payments replay --into`)"
         )
-    if kind == "sqlite":
+    return None if kind == "sqlite" else pg_tool("pg_restore")
+
+
+async def restore_database(backup: Path, manifest: Manifest, database_url: str) -> None:
+    source = inside(backup, manifest.database["file"])
+    pg_restore = check_database_kind(manifest, database_url)
+    if pg_restore is None:
         target = sqlite_path(database_url)
         target.parent.mkdir(parents=True, exist_ok=True)
         for leftover in (target, Path(f"{target}-wal"), Path(f"{target}-shm")):
@@ -343,7 +388,7 @@ async def restore_database(backup: Path, manifest: Manifest, database_url: str) 
     else:
         url = make_url(database_url)
         argv = [
-            pg_tool("pg_restore"),
+            pg_restore,
             "--no-owner",
             "--no-privileges",
             "--exit-on-error",
@@ -366,25 +411,25 @@ def audit_position(audit_dir: Path) -> int | None:
         return None
 
 
-def complete_lines_up_to(source: Path, position: int | None) -> bytes:
-    """The log's whole lines written for AUDIT messages up to `position`.
+def complete_lines_up_to(source: Path, position: int | None) -> Iterator[bytes]:
+    """The log's whole lines written for AUDIT messages up to `position`, read one at a time
+    (a log may be larger than memory).
 
     The audit worker appends a line, then saves its position; a copy taken in between would hold
     a line the position does not cover, and the restored worker would write it again.
     """
-    kept: list[bytes] = []
-    for line in source.read_bytes().splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # a line being written while we copied
-        if position is not None:
-            try:
-                seq = json.loads(line).get("stream_seq")
-            except ValueError:
-                seq = None
-            if isinstance(seq, int) and seq > position:
-                continue
-        kept.append(line)
-    return b"".join(kept)
+    with open(source, "rb") as handle:
+        for line in handle:
+            if not line.endswith(b"\n"):
+                break  # a line being written while we copied
+            if position is not None:
+                try:
+                    seq = json.loads(line).get("stream_seq")
+                except (ValueError, AttributeError):
+                    seq = None
+                if isinstance(seq, int) and seq > position:
+                    continue
+            yield line
 
 
 def backup_audit(audit_dir: Path, out: Path) -> list[str]:
@@ -402,7 +447,8 @@ def backup_audit(audit_dir: Path, out: Path) -> list[str]:
         if source.name == AUDIT_POSITION_FILE or source.suffix != ".log":
             shutil.copyfile(source, target)
         else:
-            target.write_bytes(complete_lines_up_to(source, position))
+            with open(target, "wb") as copy:
+                copy.writelines(complete_lines_up_to(source, position))
         _private_file(target)
         copied.append(str(target.relative_to(out)))
     # Written last though read first: its value is the one the copied lines were cut at.
@@ -411,13 +457,24 @@ def backup_audit(audit_dir: Path, out: Path) -> list[str]:
     return copied
 
 
+def audit_paths(backup: Path, relative: str, audit_dir: Path) -> tuple[Path, Path]:
+    """Where a manifest's audit file is read from and written to, each refused unless it lies
+    inside its folder (the backup's audit folder, the deployment's audit folder)."""
+    parts = Path(relative).parts
+    if not parts or parts[0] != AUDIT_DIR:
+        raise BackupError(f"the manifest names {relative!r} as an audit file: not restoring it")
+    inner = Path(*parts[1:])
+    return inside(backup / AUDIT_DIR, inner), inside(audit_dir, inner)
+
+
 def restore_audit(backup: Path, manifest: Manifest, audit_dir: Path) -> int:
+    # Every path is checked before the first file is written.
+    pairs = [audit_paths(backup, relative, audit_dir) for relative in manifest.audit_files]
     audit_dir.mkdir(parents=True, exist_ok=True)
-    for relative in manifest.audit_files:
-        target = audit_dir / Path(relative).relative_to(AUDIT_DIR)
+    for source, target in pairs:
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(backup / relative, target)
-    return len(manifest.audit_files)
+        shutil.copyfile(source, target)
+    return len(pairs)
 
 
 def audit_dir_is_empty(audit_dir: Path) -> bool:
@@ -467,24 +524,78 @@ async def nats_for(settings: Settings, allow_embedded: bool) -> Any:
 # -- the two commands ---------------------------------------------------------------------------
 
 
+@dataclass
+class Progress:
+    """Where a backup or restore is, for the message of a failure."""
+
+    step: str = "starting"
+    changed: bool = False
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    found: list[Any] = []
+    for url in (settings.resolved_database_url, settings.nats_url):
+        with suppress(Exception):  # an unparsable URL: nothing to find in it
+            found.append(make_url(url).password if url else None)
+    found += [
+        password.get_secret_value() if password else None
+        for password in (
+            settings.nats_ops_password,
+            settings.nats_worker_password,
+            settings.nats_ingress_password,
+        )
+    ]
+    return [str(value) for value in found if value]
+
+
+def describe(error: BaseException, secrets: list[str]) -> str:
+    """One line for `error`, with no secret in it."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, BackupError):
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def prepare_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BackupError(f"{out} exists and is not an empty folder")
-    out.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
-    os.chmod(out, PRIVATE_DIR_MODE)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BackupError(f"{out} exists and is not an empty folder")
+        out.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        os.chmod(out, PRIVATE_DIR_MODE)
+    except OSError as error:
+        raise BackupError(f"cannot create {out} ({describe(error, [])})") from None
 
 
 async def backup(settings: Settings, out: Path) -> Manifest:
+    """Write a backup to `out` (new or empty). Any failure is one BackupError saying which step
+    failed and that `out` is incomplete."""
     prepare_out(out)
+    progress = Progress(step="connecting to NATS")
+    try:
+        return await _backup(settings, out, progress)
+    except CAUGHT as error:
+        raise BackupFailed(
+            f"{progress.step} failed ({describe(error, secrets_of(settings))}); {out} is "
+            "incomplete: remove it before retrying"
+        ) from None
+
+
+async def _backup(settings: Settings, out: Path, progress: Progress) -> Manifest:
     async with nats_for(settings, allow_embedded=False) as (nc, settings):
+        progress.step = "copying the database"
         database = await backup_database(settings.resolved_database_url, out)
+        progress.step = "copying the audit files"
         audit_files = await asyncio.to_thread(backup_audit, settings.resolved_audit_dir, out)
+        progress.step = "listing the streams"
         js = nc.jetstream()
         present = {info.config.name for info in await js.streams_info()}
         streams = []
         for spec in ALL_STREAMS:
             if spec.name not in present:
                 continue  # never provisioned: nothing to keep
+            progress.step = f"taking the snapshot of stream {spec.name}"
             snapshot = await snapshot_stream(nc, spec.name, out / STREAMS_DIR / spec.name)
             streams.append(
                 {
@@ -496,6 +607,7 @@ async def backup(settings: Settings, out: Path) -> Manifest:
                     "last_seq": snapshot.last_seq,
                 }
             )
+    progress.step = "writing the manifest"
     for path in _walk_files(out):
         _private_file(path)
     for folder in out.rglob("*"):
@@ -519,19 +631,50 @@ async def backup(settings: Settings, out: Path) -> Manifest:
 
 def verify(backup_dir: Path, manifest: Manifest) -> None:
     for relative, expected in manifest.files.items():
-        path = backup_dir / relative
+        path = inside(backup_dir, relative)
         if not path.is_file():
             raise BackupError(f"{relative} is missing from the backup")
         if sha256_of(path) != expected["sha256"]:
             raise BackupError(f"{relative} does not match its checksum: the backup is damaged")
 
 
+def check_manifest_paths(backup_dir: Path, manifest: Manifest, audit_dir: Path) -> None:
+    """Every path the manifest names lies inside its folder (see `inside`)."""
+    inside(backup_dir, manifest.database["file"])
+    for stream in manifest.streams:
+        inside(backup_dir, stream["folder"])
+    for relative in manifest.audit_files:
+        audit_paths(backup_dir, relative, audit_dir)
+
+
 async def restore(settings: Settings, backup_dir: Path) -> list[str]:
-    """Put a backup back; refuses (changing nothing) unless every target is empty."""
+    """Put a backup back; refuses (changing nothing) unless every target is empty. Any failure
+    is one BackupError saying which step failed and, past the checks, what to clean up."""
+    progress = Progress(step="checking the backup")
+    try:
+        return await _restore(settings, backup_dir, progress)
+    except CAUGHT as error:
+        text = describe(error, secrets_of(settings))
+        if not progress.changed and isinstance(error, BackupError):
+            raise BackupError(text) from None  # a refusal: it says what to do
+        if not progress.changed:
+            raise BackupFailed(f"{progress.step} failed ({text}); nothing was changed") from None
+        raise BackupFailed(
+            f"{progress.step} failed ({text}); the restore stopped part way: empty the streams, "
+            "the database and the audit folder before retrying"
+        ) from None
+
+
+async def _restore(settings: Settings, backup_dir: Path, progress: Progress) -> list[str]:
     manifest = Manifest.load(backup_dir)
     await asyncio.to_thread(verify, backup_dir, manifest)
+    check_manifest_paths(backup_dir, manifest, settings.resolved_audit_dir)
+    # Before any stream is touched: a backup of the other kind, or no pg_restore, is refused.
+    check_database_kind(manifest, settings.resolved_database_url)
     done: list[str] = []
+    progress.step = "connecting to NATS"
     async with nats_for(settings, allow_embedded=True) as (nc, settings):
+        progress.step = "checking the targets are empty"
         js = nc.jetstream()
         existing = {info.config.name: info for info in await js.streams_info()}
         in_the_way = [
@@ -550,15 +693,13 @@ async def restore(settings: Settings, backup_dir: Path) -> list[str]:
 
         for stream in manifest.streams:
             name = stream["name"]
+            progress.step, progress.changed = f"restoring stream {name}", True
             if name in existing:
                 # Empty (checked above): made by provisioning or a stack started before the
                 # restore. Its consumers go with it and are provisioned again below.
                 await js.delete_stream(name)
-            folder = backup_dir / stream["folder"]
-            try:
-                state = await restore_stream(nc, folder, settings.stream_replicas)
-            except StreamBackupError as error:
-                raise BackupError(str(error)) from None
+            folder = inside(backup_dir, stream["folder"])
+            state = await restore_stream(nc, folder, settings.stream_replicas)
             expected = read_metadata(folder)["state"]
             if int(state.get("last_seq", -1)) != int(expected.get("last_seq", -2)):
                 raise BackupError(f"stream {name} restored to sequence {state.get('last_seq')}")
@@ -566,6 +707,7 @@ async def restore(settings: Settings, backup_dir: Path) -> list[str]:
 
         from shared.provisioning import provision
 
+        progress.step, progress.changed = "provisioning the consumers", True
         # Fresh consumers deliver every stream from its first message; see the module's doc.
         results = await provision(js, settings.stream_replicas, update=True)
         created = sum(1 for r in results if r.kind == "consumer" and r.action == "created")
@@ -578,11 +720,13 @@ async def restore(settings: Settings, backup_dir: Path) -> list[str]:
             if r.action != "ok" and not (r.kind == "consumer" and r.action == "created")
         ]
 
+    progress.step, progress.changed = "restoring the database", True
     await restore_database(backup_dir, manifest, settings.resolved_database_url)
     done.append(
         f"database: {manifest.database['kind']} restored into "
         f"{redacted(settings.resolved_database_url)} and migrated to the newest schema"
     )
+    progress.step = "restoring the audit files"
     count = await asyncio.to_thread(
         restore_audit, backup_dir, manifest, settings.resolved_audit_dir
     )

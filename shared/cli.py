@@ -62,7 +62,7 @@ def cmd_db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
     from shared.db.migrate import upgrade
 
     upgrade(settings.resolved_database_url)
-    print(f"database {settings.resolved_database_url} is at the newest schema")
+    print(f"database {settings.database_url_for_display} is at the newest schema")
     return 0
 
 
@@ -264,10 +264,13 @@ def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
-    from shared.backup import BackupError, restore
+    from shared.backup import BackupError, BackupFailed, restore
 
     try:
         lines = asyncio.run(restore(settings, args.source))
+    except BackupFailed as error:
+        print(f"restore failed: {error}", file=sys.stderr)
+        return 1
     except BackupError as error:
         print(f"restore refused: {error}", file=sys.stderr)
         return 2

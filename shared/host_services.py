@@ -85,7 +85,8 @@ class HostServices:
             async with self.http.request(
                 method, url, json=body, timeout=timeout or self.timeout
             ) as answer:
-                text = await answer.text()
+                # A wrong charset must not escape as UnicodeDecodeError: keep what decodes.
+                text = await answer.text(errors="replace")
                 status = answer.status
         except (aiohttp.ClientConnectionError, TimeoutError) as error:
             raise HostUnreachable(f"{where} unreachable: {type(error).__name__}") from None

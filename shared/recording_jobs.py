@@ -31,6 +31,10 @@ from shared.settings import Settings
 # How many leading characters of the job id name its recording and runner session.
 JOB_ID_PREFIX_CHARS = 12
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+# The longest artifact hash and location the job's events carry (JobStepRecordedV1's hash,
+# WorkloadTimeRecordedV1's uri): a longer one can never be published, so it fails the job.
+MAX_ARTIFACT_HASH_CHARS = 256
+MAX_ARTIFACT_URI_CHARS = 512
 
 
 class JobFailed(Exception):
@@ -205,6 +209,11 @@ class StepRunner:
             raise JobFailed("PAYMENTS_RECORDINGS_BUCKET is unset: nowhere to upload the recording")
         file_name = self.job.recording_file or ""
         location = recording_location(self.settings, self.job, file_name)
+        if len(location.uri) > MAX_ARTIFACT_URI_CHARS:
+            raise JobFailed(
+                f"recording location is {len(location.uri)} characters, "
+                f"longer than {MAX_ARTIFACT_URI_CHARS}: {location.uri[:200]}..."
+            )
         try:
             upload_url = await self.tools.presigner.presign(
                 "PUT", location, self.settings.recordings_presign_seconds
@@ -212,6 +221,11 @@ class StepRunner:
         except Exception as error:
             raise JobFailed(f"presign upload of {location.uri}: {type(error).__name__}") from None
         digest = await self._upload_with_retries(file_name, upload_url, location)
+        if digest is not None and len(digest) > MAX_ARTIFACT_HASH_CHARS:
+            raise JobFailed(
+                f"recorder reported a sha256 of {len(digest)} characters, "
+                f"longer than {MAX_ARTIFACT_HASH_CHARS}: {digest[:64]}..."
+            )
         await self._confirm(location)
         at = self.tools.now()
         return JobStepRecordedV1(

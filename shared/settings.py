@@ -252,6 +252,13 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{self.sqlite_path.resolve()}"
 
     @property
+    def database_url_for_display(self) -> str:
+        """The database URL with its password masked: for output and logs, never the real one."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.resolved_database_url).render_as_string(hide_password=True)
+
+    @property
     def resolved_nats_url(self) -> str:
         return self.nats_url or f"nats://127.0.0.1:{self.embedded_nats_port}"
 

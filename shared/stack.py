@@ -105,7 +105,7 @@ def run_stack() -> int:
     try:
         asyncio.run(provision_streams(settings))
         upgrade(settings.resolved_database_url)
-        say(f"database {settings.resolved_database_url} migrated")
+        say(f"database {settings.database_url_for_display} migrated")
         children = child_commands(settings.metrics_port)
         for child in children:
             child.start(env)

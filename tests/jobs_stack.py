@@ -93,6 +93,8 @@ class FakeHost:
     # Knobs a test sets before starting a job.
     recorder_start_fails: bool = False
     script_result: str = "completed"
+    # The sha256 the recorder reports after an upload, instead of the real one.
+    reported_sha256: str | None = None
     # A script reports "running" until this is set.
     script_release: asyncio.Event = field(default_factory=asyncio.Event)
     # What the services were asked.
@@ -110,6 +112,7 @@ class FakeHost:
     def reset(self) -> None:
         self.recorder_start_fails = False
         self.script_result = "completed"
+        self.reported_sha256 = None
         self.script_release.set()
         self.wakes.clear()
         self.executes.clear()
@@ -216,7 +219,8 @@ class FakeHost:
             return web.json_response(
                 {"detail": f"PUT to the upload URL failed: {type(error).__name__}"}, status=502
             )
-        return web.json_response({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+        digest = self.reported_sha256 or hashlib.sha256(data).hexdigest()
+        return web.json_response({"sha256": digest, "size": len(data)})
 
 
 # -- the stack ------------------------------------------------------------------------------

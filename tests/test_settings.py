@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared import cli
+from shared.settings import build_settings
 from tests.e2e import run_cli
 from tests.harness import PROJECT_ROOT
 
@@ -104,3 +105,12 @@ async def test_api_and_worker_refuse_a_misconfiguration_in_one_line(
     lines = [line for line in (stdout + stderr).decode().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     assert "PAYMENTS_API_PORT" in lines[0]
+
+
+def test_the_database_url_is_shown_without_its_password() -> None:
+    settings = build_settings(
+        database_url="postgresql+asyncpg://payments:s3cret-pw@db:5432/payments"
+    )
+    shown = settings.database_url_for_display
+    assert "s3cret-pw" not in shown
+    assert shown == "postgresql+asyncpg://payments:***@db:5432/payments"

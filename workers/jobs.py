@@ -14,7 +14,8 @@ Produces
   - WORKLOADS `workloads.time.<orch>`: the job's credit, workload `job:<job_id>`, which the
     ledger worker credits with reason `workload_time` (entry key `workload:job:<job_id>`);
   - SESSIONS lease commands for the activity lease `job:<job_id>` (kind `job`): issued when the
-    job starts, heart-beaten while a step runs, revoked when the job ends.
+    job starts and again as each step starts, heart-beaten while a step runs, revoked (best
+    effort) when the job ends.
 
 Guarantee
   A driver message is acked only after the next step's event is stored, so a copy that dies
@@ -31,7 +32,9 @@ Limits
   recorder start/stop, upload to the same key); a script already known to the runner under the
   job's session id is not submitted again. A cancel is honoured at the next check (before each
   step and at every poll); once the recording is uploaded the job is credited and completes.
-  A message that still fails after MAX_ATTEMPTS deliveries ends its job `failed`.
+  A message that still fails after MAX_ATTEMPTS deliveries ends its job `failed` (or completed,
+  if its recording is uploaded); if even that fails, the message is kept as a dead letter of
+  `jobs-driver` and `payments dlq retry` resumes the job.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ from contracts.streams import (
 )
 from shared.db.engine import make_engine
 from shared.db.models import Orchestrator, RecordingJob
-from shared.db.repositories import jobs, workloads
+from shared.db.repositories import dead_letters, jobs, workloads
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.host_services import HostPorts, HostServiceError, HostServices
 from shared.observability import handling
@@ -444,7 +447,9 @@ class JobDriver:
 
     async def _after_error(self, delivered: Delivered, error: Exception) -> str:
         """Retry with backoff (NATS, the database or the projection lagging); after
-        MAX_ATTEMPTS deliveries end the job `failed` so nothing waits on it forever."""
+        MAX_ATTEMPTS deliveries end the job so nothing waits on it forever: completed if its
+        recording is already uploaded (the credit is idempotent), else `failed`. If even that
+        fails, the message becomes a dead letter (`payments dlq retry` resumes the job)."""
         reason = f"{type(error).__name__}: {str(error)[:200]}"
         log.warning(
             "job message failed; will retry",
@@ -457,10 +462,50 @@ class JobDriver:
         try:
             async with self.read() as db:
                 job = await jobs.get(db, decoded[0].job_id)
-            if job is not None and not jobs.is_terminal(job):
+            if job is None:
+                # The projection is behind: a later delivery finds the row; the last one the
+                # server allows is kept as a dead letter rather than dropped.
+                if delivered.attempts < self.spec.max_deliver:
+                    return "nak"
+                return await self._bury(delivered, f"job row not found: {reason}")
+            if jobs.is_terminal(job):
+                return "term"
+            if job.step == "uploaded":
+                await self._complete(job)  # uploaded means credited: never fail it now
+            else:
                 await self._finish(job, "failed", error_text)
+        except Exception as give_up_error:
+            log.exception("could not end the job after retries")
+            why = f"{error_text}; ending it failed: {type(give_up_error).__name__}"
+            return await self._bury(delivered, f"{why}: {str(give_up_error)[:200]}")
+        return "term"
+
+    async def _bury(self, delivered: Delivered, reason: str) -> str:
+        """Keep the message as a dead letter and terminate it; nak if the write fails."""
+        msg = delivered.msg
+        headers = dict(msg.headers or {})
+        letter = dead_letters.NewDeadLetter(
+            consumer=self.spec.durable,
+            stream=msg.metadata.stream,
+            subject=msg.subject,
+            stream_seq=delivered.seq,
+            event_key=headers.get(EVENT_KEY_HEADER) or headers.get(MSG_ID_HEADER),
+            error=reason,
+            body=msg.data,
+            headers=headers,
+            deliveries=delivered.attempts,
+        )
+        try:
+            async with runtime.sessionmaker() as session, session.begin():
+                await dead_letters.record(session, [letter])
         except Exception:
-            return "nak"  # the server's max_deliver, above MAX_ATTEMPTS, bounds this
+            # The server's max_deliver sits above MAX_ATTEMPTS, so a later delivery tries again.
+            log.exception("could not write a dead letter", extra={"stream_seq": delivered.seq})
+            return "nak"
+        log.warning(
+            "job message dead-lettered",
+            extra={"stream_seq": delivered.seq, "event_key": letter.event_key, "error": reason},
+        )
         return "term"
 
     async def _drive(self, msg: Msg) -> None:
@@ -568,8 +613,16 @@ class JobDriver:
     ) -> None:
         if state != "completed" and job.step in RECORDING_STEPS and job.host is not None:
             await self._stop_recorder_quietly(job.host)
-        if job.step != "requested":
+        # Revoke even before the first step: an issue may have been sent (a revoke of an
+        # unknown lease is a no-op). Best effort: a SESSIONS outage must not keep the job from
+        # ending; the lease then expires on its own.
+        try:
             await self._publish_lease(job, "revoke")
+        except Exception as revoke_error:
+            log.warning(
+                "lease revoke failed",
+                extra={"job_id": job.job_id, "error": f"{revoke_error!r}"[:300]},
+            )
         end = JobFinishedV1(
             job_id=job.job_id,
             orchestrator_id=job.orchestrator_id,
@@ -615,14 +668,19 @@ class JobDriver:
         return row.host_public_ip or row.last_seen_ip
 
     async def _keep_lease(self, job: RecordingJob) -> None:
-        """Renew the lease as each step starts, then every third of its length while it runs:
-        steps that are each short can still add up to more than one lease length."""
+        """Issue the lease again as each step starts (a job resumed after a long wait may have
+        lost it), then heartbeat every third of its length while the step runs: steps that
+        are each short can still add up to more than one lease length."""
         interval_s = lease_seconds() / HEARTBEATS_PER_LEASE
+        action: LeaseAction = "issue"
         while True:  # cancelled when the step ends
             try:
-                await self._publish_lease(job, "heartbeat")
+                await self._publish_lease(job, action)
             except Exception as error:
-                log.warning("lease heartbeat failed", extra={"error": type(error).__name__})
+                log.warning(
+                    "lease command failed", extra={"action": action, "error": type(error).__name__}
+                )
+            action = "heartbeat"
             await asyncio.sleep(interval_s)
 
     async def _publish_lease(self, job: RecordingJob, action: LeaseAction) -> None:
@@ -639,7 +697,7 @@ class JobDriver:
             received_at=now,
         )
         key = f"lease:{action}:{lease}"
-        if action == "heartbeat":
+        if action != "revoke":  # each issue and heartbeat is a new command, not a repeat
             key = f"{key}:{iso(now)}"
         await self._publish(SESSIONS.name, subjects.activity_lease_command(lease), command, key)
 

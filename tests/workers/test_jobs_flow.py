@@ -47,6 +47,7 @@ ORCH_NO_HOST = "orch-no-host"
 ORCH_CANCEL = "orch-cancel"
 ORCH_INPUT = "orch-input"
 ORCH_DUPLICATE = "orch-duplicate"
+ORCH_LONG_HASH = "orch-long-hash"
 ORCHESTRATORS = [
     orchestrator(ORCH_E2E),
     orchestrator(ORCH_KILL),
@@ -58,6 +59,7 @@ ORCHESTRATORS = [
     orchestrator(ORCH_CANCEL),
     orchestrator(ORCH_INPUT),
     orchestrator(ORCH_DUPLICATE),
+    orchestrator(ORCH_LONG_HASH),
 ]
 RATE = "0.000005353596"  # PAYMENTS_WORKLOAD_TIME_CREDIT_ETH_PER_MINUTE's default
 SCRIPT = {"commands": [{"type": "say", "text": "hello"}, {"type": "wait", "ms": 10}]}
@@ -250,6 +252,14 @@ async def test_s3_unavailable_fails_the_job(stack: JobsStack) -> None:
     assert error.startswith(f"upload to s3://{BUCKET}/") and "after 3 attempts" in error
     assert "X-Amz-Signature" not in error and "http" not in error
     assert len(stack.host.uploads) == 3
+
+
+async def test_oversized_recorder_hash_fails_the_job_at_once(stack: JobsStack) -> None:
+    stack.host.reported_sha256 = "f" * 300  # longer than the events' artifact_hash
+    job_id = await start_job(stack, ORCH_LONG_HASH)
+    error = await assert_failed_cleanly(stack, job_id, ORCH_LONG_HASH)
+    assert "sha256 of 300 characters" in error and "longer than 256" in error
+    assert len(stack.host.uploads) == 1  # a clear failure, not a retried ValidationError
 
 
 async def test_unreachable_host_fails_the_job(stack: JobsStack) -> None:
