@@ -58,6 +58,8 @@ RECEIPT_POLL_S = 0.25
 FEE_BUMP_PER_MILLE = 1125
 MAX_FEE_BUMPS = 5
 MAX_CLAIMS_PER_CYCLE = 500
+# The only states a payout is signed from.
+SENDABLE_STATUSES = ("claimed", "retry")
 
 Publish = Callable[[Sequence[outbox.PendingOutbox]], Awaitable[None]]
 
@@ -318,7 +320,7 @@ class PayoutEngine:
 
     async def _send_claimed(self) -> None:
         async with self.sessionmaker() as session:
-            ready = await store.with_status(session, ("claimed", "retry"))
+            ready = await store.with_status(session, SENDABLE_STATUSES)
         # A ticket that failed in its batch goes out again, but not every cycle: whatever made
         # it fail (an inactive recipient, say) would cost a batch's gas each time.
         wait = timedelta(seconds=self.settings.payout_retry_after_failure_seconds)
@@ -459,6 +461,10 @@ class PayoutEngine:
             for stale in payouts:
                 payout = await session.get(Payout, stale.id)
                 assert payout is not None and payout.id is not None
+                if payout.status not in SENDABLE_STATUSES:
+                    # Sent by another copy meanwhile: never a second transaction for it.
+                    await session.rollback()
+                    return None
                 payout.tx_id = tx.id
                 if payout.id in tickets and payout.ticket is None:
                     payout.ticket = ticket_to_json(tickets[payout.id])
