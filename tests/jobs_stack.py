@@ -27,7 +27,12 @@ from nats.js.client import JetStreamContext
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from contracts.streams import JOBS_DRIVER_CONSUMER, JOBS_PROJECTION_CONSUMER, WORKLOADS
+from contracts.streams import (
+    JOBS_DRIVER_CONSUMER,
+    JOBS_PROJECTION_CONSUMER,
+    LEDGER_WORKLOADS_CONSUMER,
+    WORKLOADS,
+)
 from shared.db.engine import make_engine, make_sessionmaker
 from shared.db.models import ActivityLease, LedgerEntry, Orchestrator, RecordingJob, Workload
 from shared.embedded_nats import EmbeddedNats, free_port
@@ -102,6 +107,7 @@ class FakeHost:
     executes: list[dict[str, Any]] = field(default_factory=list)
     starts: list[dict[str, Any]] = field(default_factory=list)
     stops: int = 0
+    status_polls: int = 0
     uploads: list[dict[str, Any]] = field(default_factory=list)
     scripts: set[str] = field(default_factory=set)
     # Every call, "<monotonic> <port> <method> <path> <status>", for a failing test's message.
@@ -119,6 +125,7 @@ class FakeHost:
         self.starts.clear()
         self.uploads.clear()
         self.stops = 0
+        self.status_polls = 0
 
     @property
     def env(self) -> dict[str, str]:
@@ -186,6 +193,7 @@ class FakeHost:
 
     async def script_status(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
+        self.status_polls += 1
         if session_id not in self.scripts:
             return web.json_response({"detail": "unknown session"}, status=404)
         status = self.script_result if self.script_release.is_set() else "running"
@@ -301,6 +309,16 @@ class JobsStack:
     async def workload(self, workload_id: str) -> Workload | None:
         async with self.sessions() as db:
             return await db.get(Workload, workload_id)
+
+    async def ledger_drained(self) -> None:
+        """Until the ledger worker has settled every WORKLOADS message stored so far: a second
+        credit, if one were coming, would be in the ledger then."""
+
+        async def drained() -> bool:
+            info = await self.js.consumer_info(WORKLOADS.name, LEDGER_WORKLOADS_CONSUMER.durable)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await self.until(drained)
 
     async def jobs_messages(self, subject: str = "jobs.>") -> int:
         info = await self.js.stream_info(WORKLOADS.name, subjects_filter=subject)

@@ -22,6 +22,7 @@ from tests.payouts_stack import (
 )
 
 CREDITS_ETH = ("0.002", "0.003", "0.004")
+RECEIPT_TIMEOUT_LOG = "receipt timeout: payouts stay broadcast"
 
 
 async def credit_all(stack: PayoutStack, prefix: str) -> dict[str, int]:
@@ -160,7 +161,7 @@ async def test_receipt_timeout_keeps_the_payout_until_it_is_mined(tmp_path: Path
     ) as stack:
         expected = await credit_all(stack, "timeout")
         stack.chain.anvil.rpc("evm_setAutomine", [False])
-        await stack.start_payouts()
+        worker = await stack.start_payouts()
 
         async def broadcast() -> bool:
             rows = await stack.payouts_rows()
@@ -170,7 +171,13 @@ async def test_receipt_timeout_keeps_the_payout_until_it_is_mined(tmp_path: Path
         await wait_until(lambda: fund_pending(stack), 30.0, stack.stack)
         stack.chain.anvil.rpc("evm_mine")
         await wait_until(broadcast, 30.0, stack.stack)
-        await asyncio.sleep(2.5)  # past the receipt timeout: still broadcast, nothing debited
+        timeouts = worker.log_text().count(RECEIPT_TIMEOUT_LOG)
+
+        async def timed_out_again() -> bool:
+            return worker.log_text().count(RECEIPT_TIMEOUT_LOG) > timeouts
+
+        # A whole receipt wait ran out after the batch was sent: still broadcast, no debit.
+        await wait_until(timed_out_again, 30.0, stack.stack)
         assert await broadcast()
         assert await stack.debits() == {}
         stack.chain.anvil.rpc("evm_mine")

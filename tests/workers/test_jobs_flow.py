@@ -171,8 +171,8 @@ async def test_job_records_uploads_and_credits_once(stack: JobsStack) -> None:
     async def credited() -> list[Any]:
         return await stack.ledger(ORCH_E2E)
 
-    entries = await stack.until(credited)
-    await asyncio.sleep(0.3)  # a second credit, if one were coming, would land by now
+    await stack.until(credited)
+    await stack.ledger_drained()
     entries = await stack.ledger(ORCH_E2E)
     assert len(entries) == 1
     entry = entries[0]
@@ -199,7 +199,12 @@ async def test_killed_worker_is_replaced_and_the_job_resumes(stack: JobsStack) -
         return job is not None and job.step == "script_started" and len(stack.host.executes) == 1
 
     await stack.until(in_runner_step)
-    await asyncio.sleep(0.3)  # the dead copy is polling the runner
+    polls = stack.host.status_polls
+
+    async def polling_the_runner() -> bool:
+        return stack.host.status_polls > polls
+
+    await stack.until(polling_the_runner)  # the copy about to die is polling the runner
     stack.workers["jobs"].kill()  # SIGKILL: no drain, no nak
     replacement = await stack.start_worker("jobs")
     stack.host.script_release.set()
@@ -217,7 +222,7 @@ async def test_killed_worker_is_replaced_and_the_job_resumes(stack: JobsStack) -
         return await stack.ledger(ORCH_KILL)
 
     await stack.until(credited)
-    await asyncio.sleep(0.3)
+    await stack.ledger_drained()
     entries = await stack.ledger(ORCH_KILL)
     assert [(e.reason, e.entry_key) for e in entries] == [
         ("workload_time", f"workload:job:{job_id}")

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from yarl import URL
 
 from shared.secrets_box import digest, key_id, normalize_invite
 from tests.conftest import database_backends
-from tests.harness import ADMIN_TOKEN
+from tests.harness import ADMIN_TOKEN, wait_for
 from tests.licensing_stack import (
     BUCKET,
     LICENSE_AUDIT_EVENTS,
@@ -221,7 +222,13 @@ async def test_encrypted_artifact_downloads_through_presigned_url_and_decrypts(
         pyrage.decrypt(downloaded, [AgeKey.generate().identity])
 
     # A second lease carries a freshly presigned URL that works as well.
-    await asyncio.sleep(1.1)  # presigned URLs are stamped to the second
+    # Presigned URLs are stamped to the second: wait for the next one on the clock.
+    next_second = int(time.time()) + 1
+
+    async def next_second_began() -> bool:
+        return time.time() >= next_second
+
+    await wait_for(next_second_began, timeout_s=3.0)
     status, again = await stack.lease(redeemed["token"], image_ref)
     assert status == 200, again
     assert again["artifact_url"] != lease["artifact_url"]
