@@ -132,6 +132,21 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
+def dead_letter(consumer: str, delivery: Delivery, reason: str) -> dead_letters.NewDeadLetter:
+    """The dead-letter row of `delivery` for `consumer`: subject, sequence, key, body, error."""
+    return dead_letters.NewDeadLetter(
+        consumer=consumer,
+        stream=delivery.stream,
+        subject=delivery.subject,
+        stream_seq=delivery.stream_seq,
+        event_key=delivery.event_key,
+        error=reason,
+        body=delivery.body,
+        headers=delivery.headers,
+        deliveries=delivery.num_delivered,
+    )
+
+
 def backoff_s(num_delivered: int) -> float:
     index = min(max(num_delivered - 1, 0), len(RETRY_BACKOFF_S) - 1)
     return RETRY_BACKOFF_S[index]
@@ -313,17 +328,7 @@ class EventConsumer(Generic[EventT]):
         await msg.term()
 
     def _letter(self, delivery: Delivery, reason: str) -> dead_letters.NewDeadLetter:
-        return dead_letters.NewDeadLetter(
-            consumer=self.consumer,
-            stream=delivery.stream,
-            subject=delivery.subject,
-            stream_seq=delivery.stream_seq,
-            event_key=delivery.event_key,
-            error=reason,
-            body=delivery.body,
-            headers=delivery.headers,
-            deliveries=delivery.num_delivered,
-        )
+        return dead_letter(self.consumer, delivery, reason)
 
     def _count(self, plan: Plan[EventT]) -> None:
         counter = EVENTS_PROCESSED

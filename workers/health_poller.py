@@ -37,14 +37,13 @@ from typing import Any
 
 import aiohttp
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import HealthReportV1
 from contracts.streams import HEALTH
+from shared.db.engine import insert_for
 from shared.db.health_poll_models import HealthPollClaim
 from shared.db.models import Orchestrator
 from shared.publishing import publish_event
@@ -147,12 +146,10 @@ class HealthPoller:
         """The ones this copy claimed for the round; another copy's claims are skipped."""
         mine = []
         async with runtime.sessionmaker() as session, session.begin():
-            dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-            insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
             now = datetime.now(UTC)
             for record in due:
                 result = await session.execute(
-                    insert_fn(_CLAIMS)
+                    insert_for(session)(_CLAIMS)
                     .values(
                         orchestrator_id=record.orchestrator_id,
                         round_number=current,

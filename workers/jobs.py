@@ -89,7 +89,7 @@ from contracts.streams import (
 from shared.db.engine import make_engine
 from shared.db.models import Orchestrator, RecordingJob
 from shared.db.repositories import dead_letters, jobs, workloads
-from shared.event_consumer import Decoded, EventConsumer, Outcome
+from shared.event_consumer import Decoded, Delivery, EventConsumer, Outcome, dead_letter
 from shared.host_services import HostPorts, HostServiceError, HostServices
 from shared.observability import handling
 from shared.publishing import publish_event
@@ -482,19 +482,7 @@ class JobDriver:
 
     async def _bury(self, delivered: Delivered, reason: str) -> str:
         """Keep the message as a dead letter and terminate it; nak if the write fails."""
-        msg = delivered.msg
-        headers = dict(msg.headers or {})
-        letter = dead_letters.NewDeadLetter(
-            consumer=self.spec.durable,
-            stream=msg.metadata.stream,
-            subject=msg.subject,
-            stream_seq=delivered.seq,
-            event_key=headers.get(EVENT_KEY_HEADER) or headers.get(MSG_ID_HEADER),
-            error=reason,
-            body=msg.data,
-            headers=headers,
-            deliveries=delivered.attempts,
-        )
+        letter = dead_letter(self.spec.durable, Delivery.from_msg(delivered.msg), reason)
         try:
             async with runtime.sessionmaker() as session, session.begin():
                 await dead_letters.record(session, [letter])

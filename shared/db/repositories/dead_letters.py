@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from shared.db.engine import insert_for
 from shared.db.models import DeadLetter
 
 _TABLE = DeadLetter.__table__  # type: ignore[attr-defined]
@@ -35,10 +34,8 @@ async def record(session: AsyncSession, letters: Sequence[NewDeadLetter]) -> Non
     """Insert dead letters; a message dead-lettered twice (a redelivery) keeps its first row."""
     if not letters:
         return
-    dialect = session.bind.dialect.name if session.bind else "sqlite"
-    insert_fn = pg_insert if dialect == "postgresql" else sqlite_insert
     now = datetime.now(UTC)
-    statement = insert_fn(_TABLE).on_conflict_do_nothing(
+    statement = insert_for(session)(_TABLE).on_conflict_do_nothing(
         index_elements=["consumer", "stream", "stream_seq"]
     )
     await session.execute(

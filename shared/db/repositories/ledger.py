@@ -13,14 +13,13 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import LedgerEntryV1
 from contracts.streams import LEDGER
+from shared.db.engine import dialect_name, insert_for
 from shared.db.models import Balance, LedgerEntry
 from shared.db.repositories import outbox
 
@@ -50,10 +49,6 @@ class PostedEntry:
     balance_after_wei: int
 
 
-def _dialect(session: AsyncSession) -> str:
-    return session.bind.dialect.name if session.bind is not None else "sqlite"
-
-
 async def existing_entry_keys(session: AsyncSession, keys: Sequence[str]) -> set[str]:
     found: set[str] = set()
     unique = list(dict.fromkeys(keys))
@@ -73,9 +68,8 @@ async def _lock_balances(session: AsyncSession, ids: list[str]) -> dict[str, int
     PostgreSQL locks the rows (sorted, so two workers never deadlock); SQLite's writer already
     holds the database write lock (BEGIN IMMEDIATE).
     """
-    insert_fn = pg_insert if _dialect(session) == "postgresql" else sqlite_insert
     await session.execute(
-        insert_fn(_BALANCES).on_conflict_do_nothing(index_elements=["orchestrator_id"]),
+        insert_for(session)(_BALANCES).on_conflict_do_nothing(index_elements=["orchestrator_id"]),
         [{"orchestrator_id": oid, "balance_wei": 0, "entry_count": 0} for oid in ids],
     )
     query = (
@@ -83,7 +77,7 @@ async def _lock_balances(session: AsyncSession, ids: list[str]) -> dict[str, int
         .where(_BALANCES.c.orchestrator_id.in_(ids))
         .order_by(_BALANCES.c.orchestrator_id)
     )
-    if _dialect(session) == "postgresql":
+    if dialect_name(session) == "postgresql":
         query = query.with_for_update()
     rows = await session.execute(query)
     return {oid: int(value) for oid, value in rows.all()}

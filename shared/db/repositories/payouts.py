@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import delete, insert, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
@@ -21,6 +18,7 @@ from sqlmodel import col
 from contracts import subjects
 from contracts.events import ChainTransactionV1, PayoutStateV1
 from contracts.streams import PAYOUTS
+from shared.db.engine import dialect_name, insert_for
 from shared.db.payout_models import ChainTransaction, Payout, PayoutClaim, PayoutLease, SignerNonce
 from shared.db.repositories import outbox
 
@@ -37,11 +35,6 @@ _NONCES = SignerNonce.__table__  # type: ignore[attr-defined]
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _insert_fn(session: AsyncSession) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    return pg_insert if dialect == "postgresql" else sqlite_insert
 
 
 # -- the lease -------------------------------------------------------------------------------
@@ -62,7 +55,7 @@ async def take_lease(session: AsyncSession, name: str, holder: str, ttl_s: float
     if renewed.rowcount == 1:  # type: ignore[attr-defined]
         return True
     created = await session.execute(
-        _insert_fn(session)(_LEASES)
+        insert_for(session)(_LEASES)
         .values(name=name, holder=holder, expires_at=expires)
         .on_conflict_do_nothing(index_elements=["name"])
     )
@@ -79,12 +72,12 @@ async def release_lease(session: AsyncSession, name: str, holder: str) -> None:
 async def allocate_nonce(session: AsyncSession, sender: str, chain_pending_nonce: int) -> int:
     """The next nonce of `sender`: ours, unless the chain has seen more (the key used elsewhere)."""
     await session.execute(
-        _insert_fn(session)(_NONCES)
+        insert_for(session)(_NONCES)
         .values(sender=sender, next_nonce=chain_pending_nonce)
         .on_conflict_do_nothing(index_elements=["sender"])
     )
     query = select(_NONCES.c.next_nonce).where(_NONCES.c.sender == sender)
-    if session.bind is not None and session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         query = query.with_for_update()
     stored = int((await session.execute(query)).scalar_one())
     nonce = max(stored, chain_pending_nonce)
