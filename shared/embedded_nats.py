@@ -7,6 +7,7 @@ includes nats.conf) and the cluster's variables in `extra_env`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -37,9 +38,20 @@ def nats_server_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports. The probes stay bound until all are chosen: ports
+    picked one at a time can repeat (the OS hands a just-released port out again), and a server
+    given the same port twice (client and cluster, say) fails to start."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(int(probe.getsockname()[1]))
+        return ports
 
 
 def new_password() -> str:

@@ -21,7 +21,7 @@ import asyncpg
 from sqlalchemy.engine import make_url
 
 from shared.db.migrate import upgrade
-from shared.embedded_nats import EmbeddedNats, NatsPasswords, free_port
+from shared.embedded_nats import EmbeddedNats, NatsPasswords, free_port, free_ports
 
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +44,11 @@ async def wait_for(
 
 
 def start_nats(tmp: Path, passwords: NatsPasswords | None = None) -> EmbeddedNats:
+    client_port, monitor_port = free_ports(2)
     server = EmbeddedNats(
         store_dir=tmp / "jetstream",
-        port=free_port(),
-        monitor_port=free_port(),
+        port=client_port,
+        monitor_port=monitor_port,
         passwords=passwords or NatsPasswords(),
         log_file=tmp / "nats-server.log",
     )

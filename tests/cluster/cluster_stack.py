@@ -41,6 +41,7 @@ from shared.embedded_nats import (
     EmbeddedNats,
     NatsPasswords,
     free_port,
+    free_ports,
     new_password,
 )
 from shared.nats_client import connect
@@ -98,7 +99,9 @@ class NatsCluster:
     def create(cls, root: Path, size: int = CLUSTER_SIZE) -> NatsCluster:
         passwords = NatsPasswords()
         route_password = new_password()
-        cluster_ports = [free_port() for _ in range(size)]
+        # Every port of every node at once, so none is handed out twice.
+        ports = free_ports(3 * size)
+        cluster_ports = ports[:size]
         routes = {
             f"PAYMENTS_NATS_ROUTE_{index + 1}": route_url(route_password, port)
             for index, port in enumerate(cluster_ports)
@@ -109,8 +112,8 @@ class NatsCluster:
             nodes.append(
                 EmbeddedNats(
                     store_dir=root / name / "store",
-                    port=free_port(),
-                    monitor_port=free_port(),
+                    port=ports[size + index],
+                    monitor_port=ports[2 * size + index],
                     passwords=passwords,
                     server_name=name,
                     log_file=root / f"{name}.log",
