@@ -1,8 +1,10 @@
 """The api's connection to NATS: publish an event and wait for its PubAck, or ask a worker.
 
-Accepted means stored: a caller gets 2xx only after JetStream's PubAck. While NATS is
-unreachable every publish and command answers 503 with Retry-After, at once, without queueing
-the message in the client's reconnect buffer (where it could be stored after we said 503).
+Accepted means stored: a caller gets 2xx only after JetStream's PubAck. Concurrent requests'
+events are stored together (api.group_commit), each caller still waiting for its own. While
+NATS is unreachable every publish and command answers 503 with Retry-After, at once, without
+queueing the message in the client's reconnect buffer (where it could be stored after we said
+503).
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from nats.js.api import PubAck
 from nats.js.errors import NotFoundError
 
 from api.errors import ServiceUnavailable
+from api.group_commit import GroupCommitPublisher
 from contracts.commands import COMMAND_TIMEOUT_S
 from contracts.events import EventModel
+from shared.atomic_batch import OutgoingMessage
 from shared.nats_client import RECONNECT_WAIT_S, connect_once
 from shared.observability import PUBLISH_SECONDS
 from shared.provisioning import missing_streams
-from shared.publishing import PUBLISH_TIMEOUT_S, publish_event
+from shared.publishing import PUBLISH_TIMEOUT_S, event_headers
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ class EventStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._nc: NatsClient | None = None
+        self._publisher: GroupCommitPublisher | None = None
         self._connector: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -51,7 +56,9 @@ class EventStore:
     async def _connect_until_done(self) -> None:
         while self._nc is None:  # bounded by cancellation at shutdown
             try:
-                self._nc = await connect_once(self.settings, "ingress", "payments-api")
+                nc = await connect_once(self.settings, "ingress", "payments-api")
+                self._publisher = GroupCommitPublisher(nc, PUBLISH_TIMEOUT_S)
+                self._nc = nc
             except Exception as error:
                 log.warning("nats not reachable yet", extra={"error": type(error).__name__})
                 await asyncio.sleep(RECONNECT_WAIT_S)
@@ -65,18 +72,23 @@ class EventStore:
             raise ServiceUnavailable(UNAVAILABLE)
         return self._nc
 
+    def _connected_publisher(self) -> GroupCommitPublisher:
+        self._client()
+        if self._publisher is None:
+            raise ServiceUnavailable(UNAVAILABLE)
+        return self._publisher
+
     async def publish(self, *, stream: str, subject: str, event: EventModel, key: str) -> PubAck:
-        js = self._client().jetstream()
+        """Store `event` under `key`; `ack.duplicate` is true when the stream already had `key`."""
+        publisher = self._connected_publisher()
+        message = OutgoingMessage(
+            subject=subject,
+            body=event.model_dump_json().encode(),
+            headers=event_headers(event, key),
+        )
         started = time.perf_counter()
         try:
-            ack = await publish_event(
-                js,
-                stream=stream,
-                subject=subject,
-                event=event,
-                key=key,
-                timeout_s=PUBLISH_TIMEOUT_S,
-            )
+            ack = await publisher.publish(stream, message)
         except (nats.errors.Error, TimeoutError, OSError) as error:
             log.warning("publish failed", extra={"stream": stream, "error": type(error).__name__})
             raise ServiceUnavailable(UNAVAILABLE) from None

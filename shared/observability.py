@@ -119,6 +119,14 @@ HTTP_SECONDS = Histogram("payments_http_request_seconds", "HTTP request latency.
 PUBLISH_SECONDS = Histogram(
     "payments_publish_seconds", "JetStream publish latency (until PubAck).", ["stream"]
 )
+# Messages the api stored with one write (api.group_commit): 1 under light load, more while
+# earlier writes are in flight.
+PUBLISH_BATCH_MESSAGES = Histogram(
+    "payments_publish_batch_messages",
+    "Messages stored together by one api group commit.",
+    ["stream"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500),
+)
 
 # Seconds from JetStream storing a message to its worker finishing the batch that held it:
 # the delay an operator feels. Buckets reach past ack_wait (30 s) and into minutes, since a
