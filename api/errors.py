@@ -7,7 +7,10 @@ request cannot come back in an error or reach a log line.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
+from functools import cache
+from typing import Any
 
 from aiohttp import web
 
@@ -87,10 +90,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if request.match_info.route.resource
         else "unmatched"
     )
-    with HTTP_SECONDS.labels(route).time():
-        response = await _answer(request, handler)
-    HTTP_REQUESTS.labels(request.method, route, str(response.status)).inc()
+    started = time.perf_counter()
+    response = await _answer(request, handler)
+    _latency(route).observe(time.perf_counter() - started)
+    method = request.method if request.method in KNOWN_METHODS else "OTHER"
+    _answered(method, route, response.status).inc()
     return response
+
+
+# Any token is a valid HTTP method; label only these, so a client cannot grow the metrics.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+# The metrics' children, looked up once per route (and method and status): both sets are small
+# and fixed (canonical routes, "unmatched"), and labels() costs a lock and a dict per call.
+@cache
+def _latency(route: str) -> Any:
+    return HTTP_SECONDS.labels(route)
+
+
+@cache
+def _answered(method: str, route: str, status: int) -> Any:
+    return HTTP_REQUESTS.labels(method, route, str(status))
 
 
 async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
