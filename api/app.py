@@ -123,6 +123,7 @@ def main() -> None:
         access_log=None,
         print=None,
         shutdown_timeout=10.0,
+        reuse_port=settings.api_reuse_port,
     )
 
 

@@ -162,7 +162,7 @@ async def drive_aiohttp(base: str, connections: int, seconds: float) -> dict[str
     }
 
 
-async def run(connections: int, seconds: float, client: str) -> dict[str, float]:
+async def run(connections: int, seconds: float, client: str, apis: int) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     nats = start_nats(root / "nats")
     try:
@@ -174,9 +174,12 @@ async def run(connections: int, seconds: float, client: str) -> dict[str, float]
             root / "data",
             PAYMENTS_BOOTSTRAP_ORCHESTRATORS=BOOTSTRAP,
             PAYMENTS_SESSION_CREDIT_ETH_PER_MINUTE="0.06",
+            PAYMENTS_API_REUSE_PORT="true" if apis > 1 else "false",
         )
-        workers = [start_worker("registry", env, root), start_worker("sessions", env, root)]
+        processes = [start_worker("registry", env, root), start_worker("sessions", env, root)]
         api, base = start_api(env, root)
+        port = int(base.rsplit(":", 1)[1])
+        processes += [start_api(env, root, port=port)[0] for _ in range(apis - 1)]
         await wait_for_orchestrator_at(base)
         started = time.perf_counter()
         if client == "wrk":
@@ -192,8 +195,8 @@ async def run(connections: int, seconds: float, client: str) -> dict[str, float]
         figures["applied_per_s"] = applied(root / "payments.db") / total_elapsed
         figures["api_rss_mb"] = (rss_mb(api.process.pid) or 0.0) if api.process else 0.0
         api.terminate()
-        for worker in workers:
-            worker.terminate()
+        for process in processes:
+            process.terminate()
         return figures
     finally:
         nats.stop()
@@ -222,14 +225,17 @@ def main() -> int:
         default="wrk" if shutil.which("wrk") else "aiohttp",
         help="load generator (default: wrk when installed)",
     )
+    parser.add_argument(
+        "--apis", type=int, default=1, help="api processes sharing the port (SO_REUSEPORT)"
+    )
     args = parser.parse_args()
     ceiling = measure_ceiling(seconds=args.ceiling_seconds)
-    r = asyncio.run(run(args.connections, args.seconds, args.client))
+    r = asyncio.run(run(args.connections, args.seconds, args.client, args.apis))
     raw_publish = float(ceiling["publish_per_s"])
     rps, ratio = r["requests_per_s"], r["requests_per_s"] / raw_publish
     print(
         f"session heartbeats: {args.connections} connections, {r['requests']:,.0f} requests"
-        f" ({args.client})"
+        f" ({args.client}, {args.apis} api process(es))"
     )
     print(f"  HTTP      {rps:,.0f} requests/s (target >= 3,000), errors {r['errors']:.0f}")
     print(f"  latency   p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (target <= 50)")

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     api_host: str = "0.0.0.0"
     api_port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024, le=1024 * 1024)
+    # SO_REUSEPORT: several api processes on one host share the port and the kernel spreads
+    # connections over them (each has its own NATS connection and group commit). Off by
+    # default, so a second process on a taken port fails loudly instead of sharing it.
+    api_reuse_port: bool = False
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     # How often each worker asks the server for every stream's and consumer's state (/metrics).
     consumer_lag_poll_seconds: float = Field(default=10.0, gt=0, le=3600)
