@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.events import EVENT_KEY_HEADER, MSG_ID_HEADER, SCHEMA_HEADER
 from contracts.streams import MAX_ATTEMPTS, RETRY_BACKOFF_S
+from shared.db.engine import write_turn
 from shared.db.repositories import dead_letters, inbox, outbox
 from shared.faults import fault_point
 from shared.observability import (
@@ -248,7 +249,11 @@ class EventConsumer(Generic[EventT]):
                 plan.dead.append((delivery, result))
             else:
                 decoded.append(result)
-        async with self.sessionmaker() as session, session.begin():
+        async with (
+            write_turn(self.sessionmaker),
+            self.sessionmaker() as session,
+            session.begin(),
+        ):
             fresh = await self._drop_duplicates(session, decoded, plan)
             outcomes = await self.projector.apply(session, fresh) if fresh else []
             if len(outcomes) != len(fresh):
@@ -316,7 +321,11 @@ class EventConsumer(Generic[EventT]):
             await msg.nak(delay=backoff_s(delivery.num_delivered))
             return
         try:
-            async with self.sessionmaker() as session, session.begin():
+            async with (
+                write_turn(self.sessionmaker),
+                self.sessionmaker() as session,
+                session.begin(),
+            ):
                 await dead_letters.record(session, [self._letter(delivery, reason)])
         except Exception:
             # The server's max_deliver sits above MAX_ATTEMPTS, so a later delivery tries again.

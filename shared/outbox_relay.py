@@ -26,6 +26,7 @@ from shared.atomic_batch import (
     OutgoingMessage,
     publish_atomic,
 )
+from shared.db.engine import write_turn
 from shared.db.models import OutboxMessage
 from shared.db.repositories import outbox
 from shared.db.repositories.outbox import PendingOutbox
@@ -90,7 +91,7 @@ class OutboxRelay:
             )
 
     async def sweep_once(self) -> int:
-        async with self.sessionmaker() as session:
+        async with write_turn(self.sessionmaker), self.sessionmaker() as session:
             rows = await outbox.stale(session, OUTBOX_STALE_S, OUTBOX_SWEEP_BATCH)
         await self._publish(rows)
         return len(rows)
@@ -100,7 +101,7 @@ class OutboxRelay:
             return
         for chunk in _chunks_by_stream(rows):
             await self._publish_chunk(chunk)
-        async with self.sessionmaker() as session, session.begin():
+        async with write_turn(self.sessionmaker), self.sessionmaker() as session, session.begin():
             await outbox.mark_published(session, [row.id for row in rows if row.id is not None])
 
     async def _publish_chunk(self, rows: Sequence[OutboxRow]) -> None:

@@ -68,16 +68,48 @@ class PullLoop:
         next_batch: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch(subscription))
         while next_batch is not None:  # until stop(): then the batch in flight is the last
             messages = await next_batch
+            if self._running:
+                messages = await self._top_up(subscription, messages)
             next_batch = asyncio.create_task(self._fetch(subscription)) if self._running else None
             if messages:
                 await handle_observed(self.spec.durable, self.handler, messages)
         with contextlib.suppress(Exception):
             await subscription.unsubscribe()
 
-    async def _fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+    async def _top_up(
+        self, subscription: JetStreamContext.PullSubscription, messages: list[Msg]
+    ) -> list[Msg]:
+        """Complete a short batch with what the server already sent for it.
+
+        The next batch is fetched while this one is applied, and a busy event loop lets that
+        fetch's deadline pass mid-delivery: it returns part of the batch and the rest waits in
+        the subscription's queue. Applying it as a second, small batch cost a whole
+        transaction's fixed work, so under a backlog every other batch was a short one. Taking
+        the queued messages now keeps batches full; an idle consumer has none queued.
+        """
+        wanted = self.spec.batch_size
+        while messages and len(messages) < wanted and subscription.pending_msgs > 0:
+            needed = wanted - len(messages)
+            # fetch(n) takes the whole queue and asks the server (no wait) for the rest, so it
+            # only fits a queue shorter than n; fetch(1) takes one queued message.
+            more = await self._fetch(
+                subscription, needed if subscription.pending_msgs < needed else 1
+            )
+            if not more:
+                break
+            messages = messages + more
+        return messages
+
+    async def _fetch(
+        self, subscription: JetStreamContext.PullSubscription, batch: int | None = None
+    ) -> list[Msg]:
         """One batch; empty when nothing arrived within fetch_timeout_s or the fetch failed."""
         try:
-            return await subscription.fetch(self.spec.batch_size, timeout=self.spec.fetch_timeout_s)
+            messages = await subscription.fetch(
+                batch or self.spec.batch_size, timeout=self.spec.fetch_timeout_s
+            )
+            _parse_metadata(messages)
+            return messages
         except TimeoutError:
             return []  # nothing arrived within fetch_timeout_s
         except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as error:
@@ -97,6 +129,19 @@ class PullLoop:
         except TimeoutError:
             self._task.cancel()
             log.warning("batch still running at shutdown", extra={"consumer": self.spec.durable})
+
+
+def _parse_metadata(messages: list[Msg]) -> None:
+    """Parse the messages' JetStream metadata now; nats-py keeps it on each message.
+
+    A prefetch runs while the batch before it waits on the database, so work done here fills
+    otherwise idle time of the event loop instead of adding to the next batch's.
+    """
+    for message in messages:
+        try:
+            message.metadata  # noqa: B018 - parsed and memoized by the property
+        except Exception:  # not a JetStream message (a test double): nothing to parse
+            return
 
 
 # How long the partitioned loop waits for more partitions' messages before applying a batch.

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Table, bindparam, event, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -23,7 +30,16 @@ def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
 
+# SQLite writer engines, whose write transactions take turns in-process (see write_turn).
+_SQLITE_WRITERS: weakref.WeakSet[Any] = weakref.WeakSet()
+_WRITE_TURNS: weakref.WeakKeyDictionary[Any, tuple[asyncio.AbstractEventLoop, asyncio.Lock]]
+_WRITE_TURNS = weakref.WeakKeyDictionary()
+
+
 def _configure_sqlite(engine: AsyncEngine, writer: bool) -> None:
+    if writer:
+        _SQLITE_WRITERS.add(engine.sync_engine)
+
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event decide how transactions start (see below).
@@ -55,6 +71,32 @@ def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+@contextlib.asynccontextmanager
+async def write_turn(sessionmaker: async_sessionmaker[AsyncSession]) -> AsyncIterator[None]:
+    """Wrap a SQLite write transaction so this process's writers take turns in the event loop.
+
+    Two transactions of one process (a consumer's batch, the outbox relay's bookkeeping) would
+    otherwise meet at SQLite's write lock, where the loser sleeps in SQLite's busy handler
+    (up to 100 ms a try) past the moment the lock is free; profiled, the ledger worker's
+    connections spent most of their time in that sleep. Here the next writer starts as soon
+    as the previous one ends.
+    Other processes still meet at the lock and wait through busy_timeout, as before. A no-op
+    for PostgreSQL and read-only SQLite engines. Not reentrant: never nest two turns.
+    """
+    bind = sessionmaker.kw.get("bind")
+    engine = getattr(bind, "sync_engine", None)
+    if engine is None or engine not in _SQLITE_WRITERS:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    turn = _WRITE_TURNS.get(engine)
+    if turn is None or turn[0] is not loop:
+        turn = (loop, asyncio.Lock())
+        _WRITE_TURNS[engine] = turn
+    async with turn[1]:
+        yield
+
+
 def dialect_name(session: AsyncSession) -> str:
     return session.bind.dialect.name if session.bind is not None else "sqlite"
 
@@ -62,3 +104,150 @@ def dialect_name(session: AsyncSession) -> str:
 def insert_for(session: AsyncSession) -> Any:
     """The dialect's INSERT (with ON CONFLICT) for the session's database."""
     return pg_insert if dialect_name(session) == "postgresql" else sqlite_insert
+
+
+# -- bulk inserts -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _InsertPlan:
+    sql: str
+    take: Callable[[Mapping[str, Any]], Any]  # a row's values in the statement's order
+    processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor)
+
+
+_INSERT_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Table, tuple[str, ...]], _InsertPlan]]
+_INSERT_PLANS = weakref.WeakKeyDictionary()
+
+
+def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
+    plans = _INSERT_PLANS.setdefault(dialect, {})
+    plan = plans.get((table, columns))
+    if plan is not None:
+        return plan
+    compiled: Any = insert(table).compile(
+        dialect=dialect, column_keys=list(columns), for_executemany=True
+    )
+    names = tuple(compiled.positiontup or ())
+    if set(names) != set(columns):
+        # A column the rows leave out would get its client-side default from SQLAlchemy.
+        raise ValueError(f"insert_rows into {table.name} needs values for {sorted(names)}")
+    processors = []
+    for position, name in enumerate(names):
+        processor = compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        if processor is not None:
+            processors.append((position, processor))
+    take = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
+    plan = _InsertPlan(compiled.string, take, tuple(processors))
+    plans[(table, columns)] = plan
+    return plan
+
+
+async def insert_rows(
+    session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """`session.execute(insert(table), rows)` for many rows, without SQLAlchemy's per-row work.
+
+    The statement is compiled once per dialect and the values go through the columns' own bind
+    processors, so the driver receives the values the typed executemany would send; only the
+    per-row parameter bookkeeping (the bulk of a large insert's CPU) is skipped. Every row has
+    the first row's keys, and those must be all the columns the INSERT names.
+    """
+    if not rows:
+        return
+    connection = await session.connection()
+    plan = _insert_plan(connection.dialect, table, tuple(rows[0]))
+    take, processors = plan.take, plan.processors
+    parameters: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = list(take(row))
+        for position, processor in processors:
+            values[position] = processor(values[position])
+        parameters.append(tuple(values))
+    await connection.exec_driver_sql(plan.sql, parameters)
+
+
+# -- key lookups --------------------------------------------------------------------------------
+
+# Keys per IN (...) list: SQLite allows 32766 bound parameters; stay far below it.
+LOOKUP_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class _LookupPlan:
+    sql: str
+    processors: tuple[Callable[[Any], Any] | None, ...]  # per bound parameter, in order
+
+
+_LOOKUP_PLANS: weakref.WeakKeyDictionary[Dialect, dict[tuple[Any, ...], _LookupPlan]]
+_LOOKUP_PLANS = weakref.WeakKeyDictionary()
+
+
+def _lookup_plan(
+    dialect: Dialect,
+    table: Table,
+    columns: tuple[str, ...],
+    key: str,
+    equal: tuple[str, ...],
+    n: int,
+) -> _LookupPlan:
+    plans = _LOOKUP_PLANS.setdefault(dialect, {})
+    shape = (table, columns, key, equal, n)
+    plan = plans.get(shape)
+    if plan is not None:
+        return plan
+    for name in columns:
+        column_type = table.c[name].type.dialect_impl(dialect)
+        if column_type.result_processor(dialect, None) is not None:
+            raise ValueError(f"select_in returns raw values; {table.name}.{name} needs processing")
+    query = select(*(table.c[name] for name in columns)).where(
+        *(table.c[name] == bindparam(f"eq_{name}") for name in equal),
+        table.c[key].in_([bindparam(f"in_{i}", type_=table.c[key].type) for i in range(n)]),
+    )
+    compiled: Any = query.compile(dialect=dialect)
+    processors = tuple(
+        compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+        for name in compiled.positiontup or ()
+    )
+    expected = [f"eq_{name}" for name in equal] + [f"in_{i}" for i in range(n)]
+    if list(compiled.positiontup or ()) != expected:
+        raise ValueError(f"unexpected parameter order for a lookup in {table.name}")
+    plan = _LookupPlan(compiled.string, processors)
+    plans[shape] = plan
+    return plan
+
+
+async def select_in(
+    session: AsyncSession,
+    table: Table,
+    columns: tuple[str, ...],
+    key: str,
+    keys: Sequence[Any],
+    equal: Mapping[str, Any] | None = None,
+) -> list[tuple[Any, ...]]:
+    """`SELECT columns FROM table WHERE <name> = <value> ... AND key IN (keys)`, in chunks.
+
+    For hot-path lookups by key: the statement is compiled once per shape and list length
+    (padded to a power of two by repeating a key, which IN ignores) and the parameters go
+    through the columns' bind processors, as the typed path does; the per-execution expanding
+    of the IN list is skipped. The selected columns must need no result processing (checked).
+    """
+    if not keys:
+        return []
+    equal = dict(equal or {})
+    connection = await session.connection()
+    dialect = connection.dialect
+    found: list[tuple[Any, ...]] = []
+    for start in range(0, len(keys), LOOKUP_CHUNK):
+        chunk = list(keys[start : start + LOOKUP_CHUNK])
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += [chunk[-1]] * (size - len(chunk))
+        plan = _lookup_plan(dialect, table, columns, key, tuple(equal), size)
+        values = [*equal.values(), *chunk]
+        parameters = tuple(
+            value if processor is None else processor(value)
+            for value, processor in zip(values, plan.processors, strict=True)
+        )
+        result = await connection.exec_driver_sql(plan.sql, parameters)
+        found.extend(tuple(row) for row in result.all())
+    return found

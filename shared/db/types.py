@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,10 +53,48 @@ class UtcDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         if value.tzinfo is None:
-            raise ValueError("naive datetimes are not stored; pass a UTC-aware datetime")
+            raise ValueError(NAIVE_DATETIME_ERROR)
         return value.astimezone(UTC).replace(tzinfo=None)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, one step straight to the text SQLAlchemy's DATETIME stores.
+
+        The generic path (process_bind_param, then DATETIME's `%`-formatting of a dict) was a
+        large share of a bulk insert's CPU. The result is the same string; that is checked here
+        against SQLAlchemy's own processor, which is used instead if they ever differ.
+        """
+        typed = super().bind_processor(dialect)
+        if dialect.name != "sqlite" or typed is None:
+            return typed
+        probe = datetime(987, 6, 5, 4, 3, 2, 1, tzinfo=UTC)
+        if typed(probe) != _sqlite_utc_text(probe) or typed(None) is not None:
+            return typed
+        return _sqlite_utc_text
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         return value.replace(tzinfo=UTC)
+
+
+NAIVE_DATETIME_ERROR = "naive datetimes are not stored; pass a UTC-aware datetime"
+# sqlalchemy.dialects.sqlite.DATETIME's default storage format, positionally.
+_SQLITE_DATETIME = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
+
+
+def _sqlite_utc_text(value: datetime | None) -> str | None:
+    """`value` in UTC as SQLite's DATETIME stores it: `YYYY-MM-DD HH:MM:SS.ffffff`."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(NAIVE_DATETIME_ERROR)
+    utc = value.astimezone(UTC)
+    return _SQLITE_DATETIME % (
+        utc.year,
+        utc.month,
+        utc.day,
+        utc.hour,
+        utc.minute,
+        utc.second,
+        utc.microsecond,
+    )

@@ -5,28 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared.db.engine import insert_rows, select_in
 from shared.db.models import ProcessedEvent
 
 _TABLE = ProcessedEvent.__table__  # type: ignore[attr-defined]
-# SQLite allows 32766 bound parameters; stay far below it in IN (...) lists.
-KEY_LOOKUP_CHUNK = 500
 
 
 async def existing_keys(session: AsyncSession, consumer: str, keys: Iterable[str]) -> set[str]:
     wanted = list(dict.fromkeys(keys))
-    found: set[str] = set()
-    for start in range(0, len(wanted), KEY_LOOKUP_CHUNK):
-        chunk = wanted[start : start + KEY_LOOKUP_CHUNK]
-        rows = await session.execute(
-            select(_TABLE.c.event_key).where(
-                _TABLE.c.consumer == consumer, _TABLE.c.event_key.in_(chunk)
-            )
-        )
-        found.update(rows.scalars())
-    return found
+    rows = await select_in(
+        session, _TABLE, ("event_key",), "event_key", wanted, equal={"consumer": consumer}
+    )
+    return {key for (key,) in rows}
 
 
 async def record(
@@ -37,8 +30,9 @@ async def record(
     """Insert (event_key, stream, stream_seq, outcome) rows; the unique key rejects a second one."""
     if not rows:
         return
-    await session.execute(
-        insert(_TABLE),
+    await insert_rows(
+        session,
+        _TABLE,
         [
             {
                 "consumer": consumer,

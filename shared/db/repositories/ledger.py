@@ -10,22 +10,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import LedgerEntryV1
 from contracts.streams import LEDGER
-from shared.db.engine import dialect_name, insert_for
+from shared.db.engine import dialect_name, insert_for, insert_rows, select_in
 from shared.db.models import Balance, LedgerEntry
 from shared.db.repositories import outbox
 
 _ENTRIES = LedgerEntry.__table__  # type: ignore[attr-defined]
 _BALANCES = Balance.__table__  # type: ignore[attr-defined]
-IN_CHUNK = 500
+# Each entry's LEDGER subject; a pure function of the orchestrator id, worked out once per id.
+_ledger_subject = lru_cache(maxsize=4096)(subjects.ledger_entry)
 
 
 @dataclass(frozen=True)
@@ -50,16 +52,10 @@ class PostedEntry:
 
 
 async def existing_entry_keys(session: AsyncSession, keys: Sequence[str]) -> set[str]:
-    found: set[str] = set()
     unique = list(dict.fromkeys(keys))
-    for start in range(0, len(unique), IN_CHUNK):
-        rows = await session.execute(
-            select(_ENTRIES.c.entry_key).where(
-                _ENTRIES.c.entry_key.in_(unique[start : start + IN_CHUNK])
-            )
-        )
-        found.update(rows.scalars())
-    return found
+    return {
+        key for (key,) in await select_in(session, _ENTRIES, ("entry_key",), "entry_key", unique)
+    }
 
 
 async def _lock_balances(session: AsyncSession, ids: list[str]) -> dict[str, int]:
@@ -103,7 +99,7 @@ async def post_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> li
         rows.append(_entry_row(entry, balances[entry.orchestrator_id]))
     # A plain executemany, then the ids by key: INSERT ... RETURNING with parameter order
     # makes SQLite run one statement per row, which cost most of a batch's time.
-    await session.execute(insert(_ENTRIES), rows)
+    await insert_rows(session, _ENTRIES, rows)
     by_key = await _ids_by_key(session, _ENTRIES, "entry_key", [e.entry_key for e in fresh])
     ids = [by_key[e.entry_key] for e in fresh]
     posted = [PostedEntry(i, e, b) for i, e, b in zip(ids, fresh, after, strict=True)]
@@ -115,14 +111,8 @@ async def post_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> li
 async def _ids_by_key(
     session: AsyncSession, table: Any, key_column: str, keys: Sequence[str]
 ) -> dict[str, int]:
-    found: dict[str, int] = {}
-    column = table.c[key_column]
-    for start in range(0, len(keys), IN_CHUNK):
-        rows = await session.execute(
-            select(column, table.c.id).where(column.in_(keys[start : start + IN_CHUNK]))
-        )
-        found.update({key: int(row_id) for key, row_id in rows.all()})
-    return found
+    rows = await select_in(session, table, (key_column, "id"), key_column, keys)
+    return {key: int(row_id) for key, row_id in rows}
 
 
 def _entry_row(entry: NewEntry, balance_after_wei: int) -> dict[str, Any]:
@@ -184,7 +174,7 @@ def _ledger_message(posted: PostedEntry) -> tuple[str, str, LedgerEntryV1, str]:
     )
     return (
         LEDGER.name,
-        subjects.ledger_entry(entry.orchestrator_id),
+        _ledger_subject(entry.orchestrator_id),
         message,
         f"ledger:{entry.entry_key}",
     )

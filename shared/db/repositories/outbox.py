@@ -11,12 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts.events import EventModel
+from shared.db.engine import insert_rows, select_in
 from shared.db.models import OutboxMessage
 
 _TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
 # Where the rows written in the current transaction are collected for the relay.
 SESSION_OUTBOX = "outbox_pending"
-KEY_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,9 @@ async def add_many(
         (stream, subject, key, event.SCHEMA, event.model_dump_json().encode("utf-8"))
         for stream, subject, event, key in rows
     ]
-    await session.execute(
-        insert(_TABLE),
+    await insert_rows(
+        session,
+        _TABLE,
         [
             {
                 "stream": stream,
@@ -120,14 +121,8 @@ async def add_many(
     )
     # Ids by key rather than RETURNING: see ledger.post_entries.
     keys = [key for _stream, _subject, key, _schema, _body in drafts]
-    found: dict[str, int] = {}
-    for start in range(0, len(keys), KEY_CHUNK):
-        result = await session.execute(
-            select(_TABLE.c.event_key, _TABLE.c.id).where(
-                _TABLE.c.event_key.in_(keys[start : start + KEY_CHUNK])
-            )
-        )
-        found.update({key: int(row_id) for key, row_id in result.all()})
+    rows = await select_in(session, _TABLE, ("event_key", "id"), "event_key", keys)
+    found = {key: int(row_id) for key, row_id in rows}
     pending = [PendingOutbox(found[draft[2]], *draft) for draft in drafts]
     session.info.setdefault(SESSION_OUTBOX, []).extend(pending)
     return [row.id for row in pending]

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from shared.db.engine import insert_rows
 from shared.db.models import Workload
 
 VIDEO_EXTENSIONS = (".webm", ".mkv", ".mp4", ".mov")
@@ -113,7 +114,7 @@ async def save_rows(session: AsyncSession, rows: Iterable[WorkloadRow]) -> None:
     new = [row.values() for row in rows if row.is_new]
     changed = [row for row in rows if row.changed and not row.is_new]
     if new:
-        await session.execute(insert(_TABLE), new)
+        await insert_rows(session, _TABLE, new)
     if changed:
         mutable = (
             "status",
