@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
-from nats.js.api import PubAck
+from nats.js.api import Header, PubAck
 
 from shared.atomic_batch import (
     MAX_ATOMIC_BATCH_MESSAGES,
@@ -107,8 +107,18 @@ class GroupCommitPublisher:
 
     async def _store_atomic(self, stream: str, queue: _StreamQueue, lot: list[_Pending]) -> bool:
         """True when the batch was stored and its callers answered."""
+        # As js.publish(stream=...) does: a subject that another stream holds is refused (10060),
+        # never stored there.
+        messages = [
+            OutgoingMessage(
+                p.message.subject,
+                p.message.body,
+                {**p.message.headers, Header.EXPECTED_STREAM: stream},
+            )
+            for p in lot
+        ]
         try:
-            ack = await publish_atomic(self.nc, [p.message for p in lot], self.timeout_s)
+            ack = await publish_atomic(self.nc, messages, self.timeout_s)
         except (AtomicBatchRejected, nats.errors.TimeoutError) as error:
             if isinstance(error, AtomicBatchRejected) and error.code == ATOMIC_DISABLED_CODE:
                 queue.atomic = False

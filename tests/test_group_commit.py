@@ -124,3 +124,16 @@ async def test_a_closed_connection_fails_every_caller(nc: NatsClient) -> None:
         return_exceptions=True,
     )
     assert all(isinstance(result, Exception) for result in results)
+
+
+async def test_a_subject_of_another_stream_is_refused_for_every_caller(nc: NatsClient) -> None:
+    publisher = GroupCommitPublisher(nc, timeout_s=5.0)
+    health_before = (await nc.jetstream().stream_info("HEALTH")).state.messages
+    sessions_before = (await nc.jetstream().stream_info(SESSIONS.name)).state.messages
+    results = await asyncio.gather(
+        *(publisher.publish("HEALTH", message(f"wrong-{n}")) for n in range(20)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, Exception) for result in results)
+    assert (await nc.jetstream().stream_info("HEALTH")).state.messages == health_before
+    assert (await nc.jetstream().stream_info(SESSIONS.name)).state.messages == sessions_before
