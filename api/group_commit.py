@@ -97,6 +97,10 @@ class GroupCommitPublisher:
 
     async def _store(self, stream: str, queue: _StreamQueue, lot: list[_Pending]) -> None:
         try:
+            if not self.nc.is_connected:
+                # nats-py would keep the messages in its reconnect buffer and send them later:
+                # stored after the caller was told 503. Refuse them now instead.
+                raise nats.errors.ConnectionReconnectingError
             if len(lot) > 1 and queue.atomic and await self._store_atomic(stream, queue, lot):
                 return
             await self._store_one_by_one(stream, lot)

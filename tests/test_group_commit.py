@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType, StreamConfig
@@ -137,3 +139,25 @@ async def test_a_subject_of_another_stream_is_refused_for_every_caller(nc: NatsC
     assert all(isinstance(result, Exception) for result in results)
     assert (await nc.jetstream().stream_info("HEALTH")).state.messages == health_before
     assert (await nc.jetstream().stream_info(SESSIONS.name)).state.messages == sessions_before
+
+
+async def test_messages_queued_while_disconnected_are_refused_not_buffered(
+    nc: NatsClient, provisioned: Any
+) -> None:
+    publisher = GroupCommitPublisher(nc, timeout_s=2.0)
+    provisioned.stop()
+    deadline = asyncio.get_running_loop().time() + 10
+    while nc.is_connected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    results = await asyncio.gather(
+        *(publisher.publish(SESSIONS.name, message(f"offline-{n}")) for n in range(10)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, nats.errors.ConnectionReconnectingError) for r in results), results
+    provisioned.start()
+    deadline = asyncio.get_running_loop().time() + 20
+    while not nc.is_connected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    await nc.flush()
+    # Nothing was left in the client's buffer to be stored after the callers' 503s.
+    assert (await nc.jetstream().stream_info(SESSIONS.name)).state.messages == 0
