@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from nats.aio.client import Client as NatsClient
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db.engine import make_engine, make_sessionmaker
@@ -76,6 +77,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def ops_settings(provisioned: EmbeddedNats):  # type: ignore[no-untyped-def]
     return build_settings(nats_url=provisioned.url, nats_ops_password=provisioned.passwords.ops)
+
+
+@pytest.fixture
+async def ops_nc(ops_settings) -> AsyncIterator[NatsClient]:  # type: ignore[no-untyped-def]
+    """An `ops` connection to the test's provisioned nats-server."""
+    client = await connect(ops_settings, "ops", "test-ops")
+    yield client
+    await client.close()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

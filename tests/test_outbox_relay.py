@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -16,18 +15,9 @@ from contracts.streams import LEDGER
 from shared.atomic_batch import AtomicBatchRejected, OutgoingMessage, publish_atomic
 from shared.db.models import OutboxMessage
 from shared.db.repositories import outbox
-from shared.nats_client import connect
 from shared.outbox_relay import OutboxRelay
-from shared.settings import Settings
 
 ENTRIES = 7
-
-
-@pytest.fixture
-async def nc(ops_settings: Settings) -> AsyncIterator[NatsClient]:
-    client = await connect(ops_settings, "ops", "test-outbox-relay")
-    yield client
-    await client.close()
 
 
 def entry(number: int) -> LedgerEntryV1:
@@ -68,25 +58,25 @@ async def ledger_count(nc: NatsClient) -> int:
 
 
 async def test_relay_publishes_a_commit_as_one_batch_and_marks_it(
-    nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
+    ops_nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     rows = await write_outbox(db_sessions, ENTRIES)
-    relay = OutboxRelay(db_sessions, nc, "test")
+    relay = OutboxRelay(db_sessions, ops_nc, "test")
     await relay.publish_now(rows)
-    assert await ledger_count(nc) == ENTRIES
+    assert await ledger_count(ops_nc) == ENTRIES
     async with db_sessions() as session:
         assert await outbox.pending_count(session) == 0
-    messages = [await nc.jetstream().get_msg(LEDGER.name, seq) for seq in range(1, ENTRIES + 1)]
+    messages = [await ops_nc.jetstream().get_msg(LEDGER.name, seq) for seq in range(1, ENTRIES + 1)]
     assert [m.headers["Nats-Msg-Id"] for m in messages if m.headers] == [
         f"ledger:relay-{n}" for n in range(1, ENTRIES + 1)
     ]
 
 
 async def test_republishing_after_a_crash_before_the_mark_stores_nothing_twice(
-    nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
+    ops_nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     rows = await write_outbox(db_sessions, ENTRIES)
-    relay = OutboxRelay(db_sessions, nc, "test")
+    relay = OutboxRelay(db_sessions, ops_nc, "test")
     await relay.publish_now(rows[:3])
     # A crash between the publish and the mark: the rows look unpublished again.
     async with db_sessions() as session, session.begin():
@@ -94,12 +84,12 @@ async def test_republishing_after_a_crash_before_the_mark_stores_nothing_twice(
             update(OutboxMessage.__table__).values(published_at=None)  # type: ignore[attr-defined]
         )
     await relay.publish_now(rows)  # the batch holds 3 stored ids: refused whole, then one by one
-    assert await ledger_count(nc) == ENTRIES
+    assert await ledger_count(ops_nc) == ENTRIES
     async with db_sessions() as session:
         assert await outbox.pending_count(session) == 0
 
 
-async def test_an_atomic_batch_with_a_stored_id_is_refused_whole(nc: NatsClient) -> None:
+async def test_an_atomic_batch_with_a_stored_id_is_refused_whole(ops_nc: NatsClient) -> None:
     def message(n: int) -> OutgoingMessage:
         key = f"ledger:atomic-{n}"
         return OutgoingMessage(
@@ -108,22 +98,22 @@ async def test_an_atomic_batch_with_a_stored_id_is_refused_whole(nc: NatsClient)
             headers={"Nats-Msg-Id": key},
         )
 
-    ack = await publish_atomic(nc, [message(1), message(2)], timeout_s=5.0)
+    ack = await publish_atomic(ops_nc, [message(1), message(2)], timeout_s=5.0)
     assert (ack.stream, ack.count, ack.last_seq) == (LEDGER.name, 2, 2)
     with pytest.raises(AtomicBatchRejected) as refused:
-        await publish_atomic(nc, [message(2), message(3)], timeout_s=5.0)
+        await publish_atomic(ops_nc, [message(2), message(3)], timeout_s=5.0)
     assert refused.value.code == 10201
-    assert await ledger_count(nc) == 2
+    assert await ledger_count(ops_nc) == 2
 
 
 async def test_submitted_rows_are_published_by_the_drain_task_before_stop_returns(
-    nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
+    ops_nc: NatsClient, db_sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    relay = OutboxRelay(db_sessions, nc, "test")
+    relay = OutboxRelay(db_sessions, ops_nc, "test")
     relay.start()
     for commit in range(3):
         await relay.submit(await write_outbox(db_sessions, ENTRIES, prefix=f"commit{commit}"))
     await relay.stop(timeout_s=10.0)
-    assert await ledger_count(nc) == 3 * ENTRIES
+    assert await ledger_count(ops_nc) == 3 * ENTRIES
     async with db_sessions() as session:
         assert await outbox.pending_count(session) == 0
