@@ -13,6 +13,7 @@ from api.errors import error_middleware
 from api.event_store import EventStore
 from api.rate_limit import RateLimiter, SlidingWindow
 from shared.db.engine import make_engine, make_sessionmaker
+from shared.gc_freeze import freeze_startup_objects
 from shared.observability import configure_logging
 from shared.s3 import Presigner
 from shared.settings import Settings, load_settings
@@ -104,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
             ),
             presigner=presigner,
         )
+        freeze_startup_objects()
         yield
         await presigner.close()
         await events.stop()

@@ -1,8 +1,8 @@
 """Session-heartbeat ingest: POST /api/sessions/events from 64 connections through the real stack.
 
-A fresh nats-server and SQLite database, one registry and one sessions worker, one api; every
-connection keeps its own sessions alive (a start, then heartbeats, each with its own event_id
-so every request is one stored event). Prints requests/s, p50/p99/max latency, the time until
+A fresh nats-server and SQLite database, one registry and one sessions worker (none with
+`--without-worker`), one api; every connection keeps its own sessions alive (a start, then
+heartbeats, each with its own event_id so every request is one stored event). Prints requests/s, p50/p99/max latency, the time until
 the sessions worker has applied everything, and the ratios to the raw nats-py ceiling measured
 in the same run.
 
@@ -162,7 +162,9 @@ async def drive_aiohttp(base: str, connections: int, seconds: float) -> dict[str
     }
 
 
-async def run(connections: int, seconds: float, client: str, apis: int) -> dict[str, float]:
+async def run(
+    connections: int, seconds: float, client: str, apis: int, with_worker: bool
+) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     nats = start_nats(root / "nats")
     try:
@@ -176,7 +178,9 @@ async def run(connections: int, seconds: float, client: str, apis: int) -> dict[
             PAYMENTS_SESSION_CREDIT_ETH_PER_MINUTE="0.06",
             PAYMENTS_API_REUSE_PORT="true" if apis > 1 else "false",
         )
-        processes = [start_worker("registry", env, root), start_worker("sessions", env, root)]
+        processes = [start_worker("registry", env, root)]
+        if with_worker:
+            processes.append(start_worker("sessions", env, root))
         api, base = start_api(env, root)
         port = int(base.rsplit(":", 1)[1])
         processes += [start_api(env, root, port=port)[0] for _ in range(apis - 1)]
@@ -187,7 +191,7 @@ async def run(connections: int, seconds: float, client: str, apis: int) -> dict[
         else:
             figures = await drive_aiohttp(base, connections, seconds)
         figures["requests_per_s"] = figures["requests"] / figures["elapsed_s"]
-        while applied(root / "payments.db") < figures["accepted"]:
+        while with_worker and applied(root / "payments.db") < figures["accepted"]:
             if time.perf_counter() - started > DRAIN_TIMEOUT_S:
                 break
             await asyncio.sleep(0.1)
@@ -228,9 +232,16 @@ def main() -> int:
     parser.add_argument(
         "--apis", type=int, default=1, help="api processes sharing the port (SO_REUSEPORT)"
     )
+    parser.add_argument(
+        "--without-worker",
+        action="store_true",
+        help="no sessions worker: the api and nats-server alone, to tell their share apart",
+    )
     args = parser.parse_args()
     ceiling = measure_ceiling(seconds=args.ceiling_seconds)
-    r = asyncio.run(run(args.connections, args.seconds, args.client, args.apis))
+    r = asyncio.run(
+        run(args.connections, args.seconds, args.client, args.apis, not args.without_worker)
+    )
     raw_publish = float(ceiling["publish_per_s"])
     rps, ratio = r["requests_per_s"], r["requests_per_s"] / raw_publish
     print(
@@ -239,7 +250,8 @@ def main() -> int:
     )
     print(f"  HTTP      {rps:,.0f} requests/s (target >= 3,000), errors {r['errors']:.0f}")
     print(f"  latency   p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms (target <= 50)")
-    print(f"  applied   {r['applied_per_s']:,.0f} events/s end to end")
+    if not args.without_worker:
+        print(f"  applied   {r['applied_per_s']:,.0f} events/s end to end")
     print(f"  ceiling   raw publish {raw_publish:,.0f} msg/s; HTTP/raw {ratio:.2f}x")
     print(f"  api RSS   {r['api_rss_mb']:.0f} MB")
     return 0

@@ -29,6 +29,7 @@ from shared.db.engine import make_engine
 from shared.db.migrate import require_schema_at_head
 from shared.db.repositories import outbox
 from shared.event_consumer import EventConsumer, Projector
+from shared.gc_freeze import freeze_startup_objects
 from shared.nats_client import RECONNECT_WAIT_S, connect, credentials
 from shared.observability import configure_logging, start_metrics_server
 from shared.outbox_relay import OutboxRelay
@@ -125,6 +126,7 @@ class WorkerRuntime:
             self.lag_poller.start(self.js)
         for hook in self.startup_hooks:
             await hook()
+        freeze_startup_objects()
         log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
 
     async def _start_pulling(self) -> None:

@@ -50,6 +50,7 @@ async def test_api_processes_share_a_port_with_reuse_port(stack: Stack) -> None:
         assert statuses == [202] * REQUESTS
         assert await stored(stack, "SESSIONS") - before == REQUESTS
         assert first.running() and second.running()
+        first.wait_log("start-up objects frozen")
     finally:
         first.terminate()
         second.terminate()
