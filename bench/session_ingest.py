@@ -2,9 +2,9 @@
 
 A fresh nats-server and SQLite database, one registry and one sessions worker (none with
 `--without-worker`), one api; every connection keeps its own sessions alive (a start, then
-heartbeats, each with its own event_id so every request is one stored event). Prints requests/s, p50/p99/max latency, the time until
-the sessions worker has applied everything, and the ratios to the raw nats-py ceiling measured
-in the same run.
+heartbeats, each with its own event_id so every request is one stored event). Prints
+requests/s, p50/p99/max latency, the time until the sessions worker has applied everything, and
+the ratios to the raw nats-py ceiling measured in the same run.
 
 The load comes from `wrk` (C, one thread, a Lua script giving every request its own event_id)
 when it is installed (`apt-get install wrk`), else, or with `--client aiohttp`, from an aiohttp
