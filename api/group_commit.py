@@ -37,6 +37,7 @@ from shared.atomic_batch import (
     AtomicBatchRejected,
     OutgoingMessage,
     publish_atomic,
+    publish_each,
 )
 from shared.observability import PUBLISH_BATCH_MESSAGES
 
@@ -68,7 +69,6 @@ class _StreamQueue:
 class GroupCommitPublisher:
     def __init__(self, nc: NatsClient, timeout_s: float) -> None:
         self.nc = nc
-        self.js = nc.jetstream()
         self.timeout_s = timeout_s
         self._queues: dict[str, _StreamQueue] = {}
         self._flushes: set[asyncio.Task[None]] = set()
@@ -138,15 +138,7 @@ class GroupCommitPublisher:
         return True
 
     async def _store_one_by_one(self, stream: str, lot: list[_Pending]) -> None:
-        futures = [
-            await self.js.publish_async(
-                p.message.subject, p.message.body, stream=stream, headers=p.message.headers
-            )
-            for p in lot
-        ]
-        answers = await asyncio.wait_for(
-            asyncio.gather(*futures, return_exceptions=True), self.timeout_s
-        )
+        answers = await publish_each(self.nc, stream, [p.message for p in lot], self.timeout_s)
         for pending, answer in zip(lot, answers, strict=True):
             if pending.done.done():
                 continue

@@ -16,13 +16,14 @@ republishes after a crash falls back to one-by-one publishing, which skips the d
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
-from nats.js.api import Header
+from nats.js.api import Header, PubAck
 
 # The server refuses batches above 1,000 messages; 500 keeps each one well inside the limit.
 MAX_ATOMIC_BATCH_MESSAGES = 500
@@ -88,3 +89,21 @@ def _batch_ack(data: bytes, expected_count: int) -> BatchAck:
     if count != expected_count:
         raise AtomicBatchRejected(0, f"stored {count} of {expected_count} messages")
     return BatchAck(stream=str(answer["stream"]), last_seq=int(answer["seq"]), count=count)
+
+
+async def publish_each(
+    nc: NatsClient, stream: str, messages: Sequence[OutgoingMessage], timeout_s: float
+) -> list[PubAck | BaseException]:
+    """Publish `messages` to `stream` one by one, pipelined; each one's PubAck or failure, in order.
+
+    The fallback for a batch the server refused or did not answer: each message is stored or
+    refused on its own, and the stream's deduplication skips any id it already holds (the
+    PubAck says `duplicate`). Waits at most `timeout_s` for all the answers.
+    """
+    js = nc.jetstream()
+    futures = [
+        await js.publish_async(m.subject, m.body, stream=stream, headers=m.headers)
+        for m in messages
+    ]
+    answers = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout_s)
+    return list(answers)

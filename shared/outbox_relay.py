@@ -25,6 +25,7 @@ from shared.atomic_batch import (
     AtomicBatchRejected,
     OutgoingMessage,
     publish_atomic,
+    publish_each,
 )
 from shared.db.engine import write_turn
 from shared.db.models import OutboxMessage
@@ -58,7 +59,6 @@ class OutboxRelay:
     ) -> None:
         self.sessionmaker = sessionmaker
         self.nc = nc
-        self.js = nc.jetstream()
         self.name = name
         self._sweeper: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
@@ -117,13 +117,12 @@ class OutboxRelay:
                 "atomic batch not stored; publishing one by one",
                 extra={"relay": self.name, "error": str(error), "messages": len(rows)},
             )
-        futures = [
-            await self.js.publish_async(
-                row.subject, row.body, stream=row.stream, headers=_outgoing(row).headers
-            )
-            for row in rows
-        ]
-        await asyncio.wait_for(asyncio.gather(*futures), PUBLISH_TIMEOUT_S)
+        answers = await publish_each(
+            self.nc, rows[0].stream, [_outgoing(row) for row in rows], PUBLISH_TIMEOUT_S
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer  # the rows stay unpublished: the next round or the sweeper retries
         PUBLISH_SECONDS.labels(rows[0].stream).observe(time.perf_counter() - started)
 
     def start(self) -> None:
