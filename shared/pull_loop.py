@@ -165,6 +165,7 @@ class PartitionedPullLoop:
         self._running = False
         self._fetching_done = False
         self._queue: asyncio.Queue[tuple[Msg, asyncio.Future[None]]] = asyncio.Queue()
+        self._all_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._applier: asyncio.Task[None] | None = None
         # One label for the partitions' shared batches: their durables' common prefix.
@@ -196,6 +197,8 @@ class PartitionedPullLoop:
             for message in messages:
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 await self._queue.put((message, done))
+                if self._queue.qsize() + 1 >= len(self.specs):
+                    self._all_ready.set()  # with the one the applier has taken, all are here
                 await done  # the partition's next message comes only after this one is settled
         # As PullLoop does: a subscription left open holds the connection's drain at shutdown
         # (its queue's unfinished pull responses) until nats-py's 30 s drain timeout.
@@ -208,7 +211,7 @@ class PartitionedPullLoop:
                 first = await asyncio.wait_for(self._queue.get(), timeout=0.5)
             except TimeoutError:
                 continue
-            await asyncio.sleep(PARTITION_LINGER_S)
+            await self._linger()
             batch = [first]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
@@ -220,6 +223,16 @@ class PartitionedPullLoop:
                 for _message, done in batch:
                     if not done.done():
                         done.set_result(None)
+
+    async def _linger(self) -> None:
+        """Let the other partitions' messages join the batch: until every partition has one
+        ready (each holds at most one), or PARTITION_LINGER_S has passed. Under a backlog all of
+        them arrive within a round trip, so the batch starts then instead of after the linger."""
+        self._all_ready.clear()
+        if self._queue.qsize() + 1 >= len(self.specs):  # the one taken counts too
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_ready.wait(), PARTITION_LINGER_S)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop fetching; every message already fetched is applied and acked before we return.
