@@ -50,10 +50,11 @@ typecheck: $(STAMP)
 # The session-ingest benchmark drives the api with wrk (a C load generator) when it is installed;
 # on Debian as root it is installed here, elsewhere the benchmark falls back to its aiohttp client.
 bench: $(STAMP)
-	@command -v wrk >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || echo "wrk not installed: session ingest uses the aiohttp client"
+	@command -v wrk >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || echo "wrk not installed: session ingest uses the aiohttp client; workload ingest needs wrk"
 	$(BIN)/python bench/run_all.py
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/session_ingest.py
+	$(BIN)/python bench/workload_ingest.py
 
 clean:
 	rm -rf $(VENV) .tools data

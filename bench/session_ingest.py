@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,8 @@ import aiohttp
 from bench.ceiling import measure_ceiling
 from bench.health_ingest import percentile, provision_streams
 from bench.procstat import rss_mb
+from bench.wrk import installed as wrk_installed
+from bench.wrk import run_wrk
 from tests.harness import (
     ADMIN_TOKEN,
     create_database,
@@ -56,9 +56,10 @@ DRAIN_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 30.0
 
 
-def applied(db_path: Path) -> int:
+def applied(db_path: Path, consumer: str = "sessions") -> int:
+    """Events `consumer` has applied: its rows in the inbox."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
-        row = db.execute("SELECT count(*) FROM processed_events WHERE consumer = 'sessions'")
+        row = db.execute("SELECT count(*) FROM processed_events WHERE consumer = ?", (consumer,))
         return int(row.fetchone()[0])
 
 
@@ -95,8 +96,8 @@ async def drive(base: str, connections: int, seconds: float) -> tuple[list[float
 
 
 # Every wrk request is a heartbeat with its own event_id; a heartbeat opens a session it does not
-# know, so no separate start is needed. done() prints one JSON line for the benchmark to read.
-WRK_SCRIPT = """
+# know, so no separate start is needed.
+HEARTBEATS_LUA = """
 local threads = {}
 local next_thread = 0
 function setup(thread)
@@ -115,35 +116,14 @@ function request()
     thread_number, sent % 256, sent % 8, thread_number, sent)
   return wrk.format("POST", path, headers, body)
 end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"max_us":%d,' ..
-    '"errors":%d}\\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
-    latency.max, e.connect + e.read + e.write + e.status + e.timeout))
-end
 """
 
 
 def drive_wrk(base: str, connections: int, seconds: float, workdir: Path) -> dict[str, float]:
     """Run wrk against the api; requests, duration and latency percentiles from its done()."""
-    script = workdir / "session_heartbeats.lua"
-    script.write_text(WRK_SCRIPT.replace("UPSTREAM", UPSTREAM))
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script)]
-    finished = subprocess.run(
-        [*argv, f"{base}/api/sessions/events"], capture_output=True, text=True, check=True
-    )
-    summary = json.loads(finished.stdout.strip().splitlines()[-1])
-    return {
-        "requests": summary["requests"],
-        "accepted": summary["requests"] - summary["errors"],
-        "elapsed_s": summary["duration_us"] / 1e6,
-        "p50_ms": summary["p50_us"] / 1000,
-        "p99_ms": summary["p99_us"] / 1000,
-        "max_ms": summary["max_us"] / 1000,
-        "errors": summary["errors"],
-    }
+    script = HEARTBEATS_LUA.replace("UPSTREAM", UPSTREAM)
+    url = f"{base}/api/sessions/events"
+    return run_wrk(url, script, connections, seconds, workdir, "session_heartbeats")
 
 
 async def drive_aiohttp(base: str, connections: int, seconds: float) -> dict[str, float]:
@@ -226,7 +206,7 @@ def main() -> int:
     parser.add_argument(
         "--client",
         choices=("wrk", "aiohttp"),
-        default="wrk" if shutil.which("wrk") else "aiohttp",
+        default="wrk" if wrk_installed() else "aiohttp",
         help="load generator (default: wrk when installed)",
     )
     parser.add_argument(
