@@ -13,6 +13,7 @@ from api.errors import error_middleware
 from api.event_store import EventStore
 from api.rate_limit import RateLimiter, SlidingWindow
 from shared.db.engine import make_engine, make_sessionmaker
+from shared.db.lookups import KeyLookups
 from shared.gc_freeze import freeze_startup_objects
 from shared.observability import configure_logging
 from shared.s3 import Presigner
@@ -81,6 +82,8 @@ def create_app(settings: Settings) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url, writer=False)
+        lookups = KeyLookups(engine)
+        await lookups.start()
         events = EventStore(settings)
         await events.start()
         # Presigning is local (no request reaches S3): the api signs recording URLs itself,
@@ -104,11 +107,13 @@ def create_app(settings: Settings) -> web.Application:
                 [SlidingWindow(settings.license_redeem_per_minute, REDEEM_WINDOW_S)]
             ),
             presigner=presigner,
+            lookups=lookups,
         )
         freeze_startup_objects()
         yield
         await presigner.close()
         await events.stop()
+        await lookups.close()
         await engine.dispose()
 
     app.cleanup_ctx.append(resources)

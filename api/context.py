@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from api.auth import Auth
 from api.event_store import EventStore
 from api.rate_limit import RateLimiter
+from shared.db.lookups import KeyLookups
 from shared.db.repositories import registry
 from shared.s3 import Presigner
 from shared.settings import Settings
@@ -25,6 +26,7 @@ class ApiContext:
     registration_limits: RateLimiter
     redeem_limits: RateLimiter
     presigner: Presigner
+    lookups: KeyLookups
 
     known_orchestrators: set[str] = field(default_factory=set)
 

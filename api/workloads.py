@@ -54,13 +54,20 @@ async def _require_orchestrator(ctx: ApiContext, orchestrator_id: str) -> None:
 
 
 async def _existing_answer(ctx: ApiContext, workload_id: str, digest: str) -> web.Response | None:
-    """The stored record for a repeated request, 409 for a reused id; None for a new workload."""
+    """The stored record for a repeated request, 409 for a reused id; None for a new workload.
+
+    Most requests are new workloads: one lookup (shared.db.lookups) settles those; only a
+    repeated id loads the whole record.
+    """
+    stored_digest = await workloads.body_digest(ctx.lookups, workload_id)
+    if stored_digest is None:
+        return None
+    if stored_digest != digest:
+        raise Conflict("Workload already exists")
     async with ctx.sessions() as session:
         existing = await workloads.get(session, workload_id)
     if existing is None:
         return None
-    if existing.body_sha256 != digest:
-        raise Conflict("Workload already exists")
     return web.json_response(workload_record(existing))
 
 

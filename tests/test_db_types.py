@@ -19,6 +19,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.db.engine import insert_rows, make_engine, make_sessionmaker, select_in
+from shared.db.lookups import KeyLookups
 from shared.db.models import DeadLetter, LedgerEntry, OutboxMessage, ProcessedEvent, Workload
 from shared.db.types import UtcDateTime
 from tests.harness import Database
@@ -238,3 +239,45 @@ async def test_select_in_finds_keys_in_chunks(database: Database) -> None:
                 await select_in(session, entries, ("occurred_at",), "entry_key", ["k1"])
     finally:
         await engine.dispose()
+
+
+async def test_key_lookups_read_what_select_in_reads_and_see_later_writes(
+    database: Database,
+) -> None:
+    writer = make_engine(database.url)
+    reader = make_engine(database.url, writer=False)
+    sessions = make_sessionmaker(writer)
+    lookups = KeyLookups(reader)
+    table = ProcessedEvent.__table__  # type: ignore[attr-defined]
+
+    def row(key: str, seq: int) -> dict[str, Any]:
+        return {
+            "consumer": "a",
+            "event_key": key,
+            "stream": "S",
+            "stream_seq": seq,
+            "outcome": None,
+        }
+
+    try:
+        async with sessions() as session, session.begin():
+            await insert_rows(session, table, [row(f"e{i}", i) for i in range(0, 700, 2)])
+        await lookups.start()
+        wanted = [f"e{i}" for i in range(700)]
+        async with sessions() as session:
+            expected = await select_in(
+                session, table, ("event_key", "stream_seq"), "event_key", wanted, {"consumer": "a"}
+            )
+        found = await lookups.select_in(
+            table, ("event_key", "stream_seq"), "event_key", wanted, {"consumer": "a"}
+        )
+        assert sorted(found) == sorted(expected) and len(found) == 350
+        assert await lookups.select_in(table, ("event_key",), "event_key", ["e1"]) == []
+        # The held connection keeps no snapshot between lookups: a later commit is visible.
+        async with sessions() as session, session.begin():
+            await insert_rows(session, table, [row("e1", 1)])
+        assert await lookups.select_in(table, ("event_key",), "event_key", ["e1"]) == [("e1",)]
+    finally:
+        await lookups.close()
+        await reader.dispose()
+        await writer.dispose()

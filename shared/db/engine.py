@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
@@ -234,9 +234,29 @@ async def select_in(
     """
     if not keys:
         return []
-    equal = dict(equal or {})
     connection = await session.connection()
-    dialect = connection.dialect
+
+    async def run(sql: str, parameters: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
+        return (await connection.exec_driver_sql(sql, parameters)).all()
+
+    return await select_in_with(run, connection.dialect, table, columns, key, keys, equal)
+
+
+# Runs one compiled lookup (SQL in the dialect's parameter style) and returns its rows.
+RunLookup = Callable[[str, tuple[Any, ...]], Awaitable[Sequence[Sequence[Any]]]]
+
+
+async def select_in_with(
+    run: RunLookup,
+    dialect: Dialect,
+    table: Table,
+    columns: tuple[str, ...],
+    key: str,
+    keys: Sequence[Any],
+    equal: Mapping[str, Any] | None = None,
+) -> list[tuple[Any, ...]]:
+    """select_in's statements, executed by `run` (a session's connection, or a driver's)."""
+    equal = dict(equal or {})
     found: list[tuple[Any, ...]] = []
     for start in range(0, len(keys), LOOKUP_CHUNK):
         chunk = list(keys[start : start + LOOKUP_CHUNK])
@@ -248,6 +268,5 @@ async def select_in(
             value if processor is None else processor(value)
             for value, processor in zip(values, plan.processors, strict=True)
         )
-        result = await connection.exec_driver_sql(plan.sql, parameters)
-        found.extend(tuple(row) for row in result.all())
+        found.extend(tuple(row) for row in await run(plan.sql, parameters))
     return found

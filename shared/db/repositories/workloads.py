@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from shared.db.engine import insert_rows
+from shared.db.lookups import KeyLookups
 from shared.db.models import Workload
 
 VIDEO_EXTENSIONS = (".webm", ".mkv", ".mp4", ".mov")
@@ -34,6 +35,12 @@ def creditable(workload: Workload | WorkloadRow) -> bool:
 
 async def get(session: AsyncSession, workload_id: str) -> Workload | None:
     return await session.get(Workload, workload_id)
+
+
+async def body_digest(lookups: KeyLookups, workload_id: str) -> str | None:
+    """The stored body digest of `workload_id`, or None when no such workload is held."""
+    rows = await lookups.select_in(_TABLE, ("body_sha256",), "workload_id", [workload_id])
+    return str(rows[0][0]) if rows else None
 
 
 async def search(
