@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -124,6 +125,7 @@ async def run(events: int, workers: int) -> dict[str, float]:
         }
     finally:
         nats.stop()
+        shutil.rmtree(root, ignore_errors=True)  # the store, database and logs of this run
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sqlite3
 import sys
 import tempfile
@@ -184,6 +185,7 @@ async def run(
         return figures
     finally:
         nats.stop()
+        shutil.rmtree(root, ignore_errors=True)  # the store, database and logs of this run
 
 
 async def wait_for_orchestrator_at(base: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sys
 import tempfile
 import time
@@ -89,6 +90,7 @@ async def run(connections: int, seconds: float, with_worker: bool) -> dict[str, 
         return figures
     finally:
         nats.stop()
+        shutil.rmtree(root, ignore_errors=True)  # the store, database and logs of this run
 
 
 def main() -> int:
