@@ -83,7 +83,6 @@ def create_app(settings: Settings) -> web.Application:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         engine = make_engine(settings.resolved_database_url, writer=False)
         lookups = KeyLookups(engine)
-        await lookups.start()
         events = EventStore(settings)
         await events.start()
         # Presigning is local (no request reaches S3): the api signs recording URLs itself,

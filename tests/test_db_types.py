@@ -262,7 +262,7 @@ async def test_key_lookups_read_what_select_in_reads_and_see_later_writes(
     try:
         async with sessions() as session, session.begin():
             await insert_rows(session, table, [row(f"e{i}", i) for i in range(0, 700, 2)])
-        await lookups.start()
+
         wanted = [f"e{i}" for i in range(700)]
         async with sessions() as session:
             expected = await select_in(

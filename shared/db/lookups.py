@@ -6,12 +6,13 @@ reset), about 1.7 ms of CPU on the development VM; `POST /api/workloads/time` ma
 read per request to find a repeated or reused workload id, and that read alone held the route
 to ~500 requests/s. The same lookup as a single `execute_fetchall` costs 65-116 µs.
 
-How: on SQLite, one connection of the engine stays checked out for the process's life and its
-aiosqlite connection runs each lookup in one call. shared.db.engine puts SQLite connections in
-autocommit, so a lookup is one statement, consistent on its own, and holds no transaction
-between calls. On PostgreSQL a pooled connection runs the same compiled statement. Statements
-and parameters are select_in's (compiled once per shape, values through the columns' bind
-processors), so both paths read the same rows.
+How: on SQLite, one connection of the engine, taken at the first lookup, stays checked out
+for the process's life, and its aiosqlite connection runs each lookup in one call.
+shared.db.engine puts SQLite connections in autocommit, so a lookup is one statement,
+consistent on its own, and holds no transaction between calls. On PostgreSQL a pooled
+connection runs the same compiled statement. Statements and parameters are select_in's
+(compiled once per shape, values through the columns' bind processors), so both paths read
+the same rows.
 
 Limits: one statement, raw values (select_in refuses columns that need result processing).
 Reads that need several statements to agree use a session and its transaction.
@@ -19,6 +20,7 @@ Reads that need several statements to agree use a session and its transaction.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,14 +33,24 @@ from shared.db.engine import is_sqlite, select_in_with
 class KeyLookups:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        self._sqlite = is_sqlite(str(engine.url))
         self._held: AsyncConnection | None = None
-        self._driver: Any = None  # the aiosqlite connection on SQLite
+        self._driver: Any = None  # the aiosqlite connection on SQLite, from the first lookup
+        self._connecting = asyncio.Lock()
 
-    async def start(self) -> None:
-        if is_sqlite(str(self.engine.url)):
-            self._held = await self.engine.connect()
-            raw = await self._held.get_raw_connection()
-            self._driver = raw.driver_connection
+    async def _sqlite_driver(self) -> Any:
+        # Connected on first use, as the pool's connections are: the api starts even while
+        # the database file is not there yet, and a lookup fails then as a session read would.
+        async with self._connecting:
+            if self._driver is None:
+                held = await self.engine.connect()
+                try:
+                    raw = await held.get_raw_connection()
+                except BaseException:
+                    await held.close()
+                    raise
+                self._held, self._driver = held, raw.driver_connection
+        return self._driver
 
     async def close(self) -> None:
         if self._held is not None:
@@ -56,8 +68,8 @@ class KeyLookups:
         """select_in's rows, read in one hand-off per statement."""
         if not keys:
             return []
-        if self._driver is not None:
-            driver = self._driver
+        if self._sqlite:
+            driver = await self._sqlite_driver()
 
             async def on_driver(sql: str, parameters: tuple[Any, ...]) -> Sequence[Any]:
                 return list(await driver.execute_fetchall(sql, parameters))
