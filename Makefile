@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 	$(BIN)/python bench/session_ingest.py
 	$(BIN)/python bench/workload_ingest.py
+	$(BIN)/python bench/replay.py
 
 clean:
 	rm -rf $(VENV) .tools data
