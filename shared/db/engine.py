@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -234,7 +235,18 @@ async def select_in(
     """
     if not keys:
         return []
-    connection = await session.connection()
+    return await select_in_on(await session.connection(), table, columns, key, keys, equal)
+
+
+async def select_in_on(
+    connection: AsyncConnection,
+    table: Table,
+    columns: tuple[str, ...],
+    key: str,
+    keys: Sequence[Any],
+    equal: Mapping[str, Any] | None = None,
+) -> list[tuple[Any, ...]]:
+    """select_in on `connection`: a session's, or one taken from the pool."""
 
     async def run(sql: str, parameters: tuple[Any, ...]) -> Sequence[Sequence[Any]]:
         return (await connection.exec_driver_sql(sql, parameters)).all()

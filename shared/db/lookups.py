@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from shared.db.engine import is_sqlite, select_in_with
+from shared.db.engine import is_sqlite, select_in_on, select_in_with
 
 
 class KeyLookups:
@@ -77,9 +77,4 @@ class KeyLookups:
             dialect = self.engine.dialect
             return await select_in_with(on_driver, dialect, table, columns, key, keys, equal)
         async with self.engine.connect() as connection:
-
-            async def on_pool(sql: str, parameters: tuple[Any, ...]) -> Sequence[Any]:
-                return (await connection.exec_driver_sql(sql, parameters)).all()
-
-            dialect = connection.dialect
-            return await select_in_with(on_pool, dialect, table, columns, key, keys, equal)
+            return await select_in_on(connection, table, columns, key, keys, equal)
