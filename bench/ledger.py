@@ -39,6 +39,7 @@ from tests.harness import create_database, stack_env, start_nats, start_worker, 
 
 ORCHESTRATORS = 5
 DRAIN_TIMEOUT_S = 600.0
+BOOTSTRAP_TIMEOUT_S = 30.0
 BOOTSTRAP = json.dumps(
     [
         {"orchestrator_id": f"orch-{i}", "address": "0x" + f"{i + 1:040x}"}
@@ -81,6 +82,15 @@ async def store_backlog(url: str, ops_password: str, events: int) -> float:
     return events / (time.perf_counter() - started)
 
 
+async def wait_for_bootstrap(db_path: Path) -> None:
+    """Until the registry worker has registered the bootstrapped orchestrators."""
+    deadline = time.monotonic() + BOOTSTRAP_TIMEOUT_S
+    while count(db_path, "select count(*) from orchestrators") < ORCHESTRATORS:
+        if time.monotonic() > deadline:
+            raise TimeoutError("bootstrap orchestrators never appeared")
+        await asyncio.sleep(0.05)
+
+
 async def run(events: int, workers: int) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     nats = start_nats(root / "nats")
@@ -90,11 +100,7 @@ async def run(events: int, workers: int) -> dict[str, float]:
         publish_rate = await store_backlog(nats.url, nats.passwords.ops, events)
         env = stack_env(nats, database, root / "data", PAYMENTS_BOOTSTRAP_ORCHESTRATORS=BOOTSTRAP)
         registry = start_worker("registry", env, root)
-        deadline = time.monotonic() + 30
-        while count(db_path, "select count(*) from orchestrators") < ORCHESTRATORS:
-            if time.monotonic() > deadline:
-                raise TimeoutError("bootstrap orchestrators never appeared")
-            await asyncio.sleep(0.05)
+        await wait_for_bootstrap(db_path)
         # Every copy is launched before any is waited for, so they start consuming together.
         ledgers = [worker_process("ledger", env, root, copy).start() for copy in range(workers)]
         started = time.perf_counter()

@@ -26,12 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.health_ingest import provision_streams
-from bench.ledger import BOOTSTRAP, ORCHESTRATORS, count, store_backlog
+from bench.ledger import BOOTSTRAP, count, store_backlog, wait_for_bootstrap
 from tests.harness import create_database, stack_env, start_nats, start_worker
 
 TARGET_EVENTS = 1_000_000
 TARGET_S = 120.0
-BOOTSTRAP_TIMEOUT_S = 30.0
 
 
 async def run(events: int) -> dict[str, float]:
@@ -42,11 +41,7 @@ async def run(events: int) -> dict[str, float]:
         await provision_streams(nats)
         env = stack_env(nats, live, root / "data", PAYMENTS_BOOTSTRAP_ORCHESTRATORS=BOOTSTRAP)
         registry = start_worker("registry", env, root)
-        deadline = time.monotonic() + BOOTSTRAP_TIMEOUT_S
-        while count(root / "payments.db", "select count(*) from orchestrators") < ORCHESTRATORS:
-            if time.monotonic() > deadline:
-                raise TimeoutError("bootstrap orchestrators never appeared")
-            await asyncio.sleep(0.05)
+        await wait_for_bootstrap(root / "payments.db")
         registry.terminate()
         publish_rate = await store_backlog(nats.url, nats.passwords.ops, events)
         target = root / "replay.db"
