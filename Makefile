@@ -36,6 +36,9 @@ run: $(STAMP)
 # when PYTEST_ARGS narrows the run.
 TEST_PROCESSES ?= 3
 SERIAL_TESTS := slow or cluster
+# The machine's PostgreSQL unless told otherwise: the Postgres matrix and the cluster test need
+# one, and fail (never skip) without it.
+test: export PAYMENTS_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
 test: $(STAMP) $(TOOLS_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_PROCESSES) --dist loadfile -m "not ($(SERIAL_TESTS))" $(PYTEST_ARGS) || test $$? -eq 5
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "$(SERIAL_TESTS)" $(PYTEST_ARGS) || test $$? -eq 5
