@@ -69,6 +69,7 @@ class _StreamQueue:
 class GroupCommitPublisher:
     def __init__(self, nc: NatsClient, timeout_s: float) -> None:
         self.nc = nc
+        self.js = nc.jetstream()  # one context for the publisher's life: see publish_each
         self.timeout_s = timeout_s
         self._queues: dict[str, _StreamQueue] = {}
         self._flushes: set[asyncio.Task[None]] = set()
@@ -138,7 +139,7 @@ class GroupCommitPublisher:
         return True
 
     async def _store_one_by_one(self, stream: str, lot: list[_Pending]) -> None:
-        answers = await publish_each(self.nc, stream, [p.message for p in lot], self.timeout_s)
+        answers = await publish_each(self.js, stream, [p.message for p in lot], self.timeout_s)
         for pending, answer in zip(lot, answers, strict=True):
             if pending.done.done():
                 continue

@@ -59,6 +59,7 @@ class OutboxRelay:
     ) -> None:
         self.sessionmaker = sessionmaker
         self.nc = nc
+        self.js = nc.jetstream()  # one context for the relay's life: see publish_each
         self.name = name
         self._sweeper: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
@@ -118,7 +119,7 @@ class OutboxRelay:
                 extra={"relay": self.name, "error": str(error), "messages": len(rows)},
             )
         answers = await publish_each(
-            self.nc, rows[0].stream, [_outgoing(row) for row in rows], PUBLISH_TIMEOUT_S
+            self.js, rows[0].stream, [_outgoing(row) for row in rows], PUBLISH_TIMEOUT_S
         )
         for answer in answers:
             if isinstance(answer, BaseException):
