@@ -22,6 +22,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from shared.db.sqlite_writer import writer_connector
+
 # How long a SQLite writer waits for another process's write lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_POOL_SIZE = 10
@@ -62,7 +64,9 @@ def _configure_sqlite(engine: AsyncEngine, writer: bool) -> None:
 
 def make_engine(url: str, *, writer: bool = True) -> AsyncEngine:
     if is_sqlite(url):
-        engine = create_async_engine(url)
+        # Writers run their transactions' statements on the loop's thread (see sqlite_writer).
+        creator = {"async_creator": writer_connector(url)} if writer else {}
+        engine = create_async_engine(url, **creator)
         _configure_sqlite(engine, writer)
         return engine
     return create_async_engine(url, pool_size=POSTGRES_POOL_SIZE, pool_pre_ping=True)
