@@ -12,6 +12,14 @@ One fetched batch becomes one database transaction:
 6. ack the applied and duplicate messages, term the dead ones and nak the rest with a backoff
    delay.
 
+A projector that can (`PreparingProjector`) does steps 2 and 3 before the write transaction,
+reading outside it, and only its writes run under the write lock: on SQLite, where one writer
+at a time holds the database, copies of a worker then overlap everything but the writes. The
+writes are plain INSERTs, so if another copy applied one of the events or stored one of the
+rows meanwhile, a unique key fails, the transaction rolls back, and the batch is applied the
+ordinary way under the lock. A projector answers None for a batch it must apply under the lock
+(one that changes existing rows).
+
 A crash before the commit leaves nothing; a crash after it leaves the inbox row, so the
 redelivery is acked without a second effect. An unexpected exception rolls the batch back and
 handles each message alone, so one bad message cannot hold back the others. A message that
@@ -22,18 +30,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from contracts.events import EVENT_KEY_HEADER, MSG_ID_HEADER, SCHEMA_HEADER
 from contracts.streams import MAX_ATTEMPTS, RETRY_BACKOFF_S
-from shared.db.engine import write_turn
+from shared.db.engine import run_insert, write_turn
 from shared.db.repositories import dead_letters, inbox, outbox
 from shared.faults import fault_point
 from shared.observability import (
@@ -117,6 +125,29 @@ class Projector(Protocol[EventT]):
     ) -> list[Outcome]: ...
 
 
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch worked out before the write lock: each event's outcome, and the writes that carry
+    them out (run inside the write transaction; plain INSERTs, so a row stored meanwhile by
+    another copy fails its unique key instead of being written twice)."""
+
+    outcomes: list[Outcome]
+    write: Callable[[AsyncSession], Awaitable[None]]
+
+
+@runtime_checkable
+class PreparingProjector(Protocol[EventT]):
+    """A projector that can also work a batch out from reads outside the write transaction."""
+
+    async def apply(
+        self, session: AsyncSession, items: Sequence[Decoded[EventT]]
+    ) -> list[Outcome]: ...
+
+    async def prepare(
+        self, reader: AsyncSession, items: Sequence[Decoded[EventT]]
+    ) -> PreparedBatch | None: ...
+
+
 @dataclass
 class Plan(Generic[EventT]):
     applied: list[tuple[Decoded[EventT], Outcome]] = field(default_factory=list)
@@ -165,6 +196,7 @@ class EventConsumer(Generic[EventT]):
         sessionmaker: async_sessionmaker[AsyncSession],
         relay: OutboxRelay | None = None,
         max_attempts: int = MAX_ATTEMPTS,
+        reader: async_sessionmaker[AsyncSession] | None = None,
     ) -> None:
         self.consumer = consumer
         self.schemas = schemas
@@ -172,6 +204,8 @@ class EventConsumer(Generic[EventT]):
         self.sessionmaker = sessionmaker
         self.relay = relay
         self.max_attempts = max_attempts
+        # Sessions that never take the write lock (SQLite: deferred BEGIN), for prepare().
+        self.reader = reader
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -241,41 +275,93 @@ class EventConsumer(Generic[EventT]):
         return plan
 
     async def _commit(self, deliveries: Sequence[Delivery], final: bool = False) -> Plan[EventT]:
-        plan: Plan[EventT] = Plan()
+        dead: list[tuple[Delivery, str]] = []
         decoded: list[Decoded[EventT]] = []
         for delivery in deliveries:
             result = self.decode(delivery)
             if isinstance(result, str):
-                plan.dead.append((delivery, result))
+                dead.append((delivery, result))
             else:
                 decoded.append(result)
+        if self.reader is not None and isinstance(self.projector, PreparingProjector):
+            prepared = await self._commit_prepared(
+                self.reader, self.projector, dead, decoded, final
+            )
+            if prepared is not None:
+                return prepared
+        return await self._commit_locked(dead, decoded, final)
+
+    async def _commit_locked(
+        self, dead: list[tuple[Delivery, str]], decoded: list[Decoded[EventT]], final: bool
+    ) -> Plan[EventT]:
+        """Read, apply and write the batch in one write transaction."""
+        plan: Plan[EventT] = Plan(dead=list(dead))
         async with (
             write_turn(self.sessionmaker),
             self.sessionmaker() as session,
             session.begin(),
         ):
-            fresh = await self._drop_duplicates(session, decoded, plan)
+            known = await inbox.existing_keys(session, self.consumer, (d.key for d in decoded))
+            fresh = self._drop_duplicates(decoded, known, plan)
             outcomes = await self.projector.apply(session, fresh) if fresh else []
-            if len(outcomes) != len(fresh):
-                raise RuntimeError("projector returned a different number of outcomes")
             self._sort_outcomes(fresh, outcomes, plan, final)
-            await inbox.record(
-                session,
-                self.consumer,
-                [
-                    (item.key, item.delivery.stream, item.delivery.stream_seq, outcome.detail)
-                    for item, outcome in plan.applied
-                ],
-            )
+            await inbox.record(session, self.consumer, self._inbox_rows(plan))
             await dead_letters.record(session, [self._letter(d, why) for d, why in plan.dead])
             fault_point(f"{self.consumer}:before_commit")
             plan.outbox_rows = outbox.pending_of(session)
         return plan
 
-    async def _drop_duplicates(
-        self, session: AsyncSession, decoded: list[Decoded[EventT]], plan: Plan[EventT]
+    async def _commit_prepared(
+        self,
+        reader: async_sessionmaker[AsyncSession],
+        projector: PreparingProjector[EventT],
+        dead: list[tuple[Delivery, str]],
+        decoded: list[Decoded[EventT]],
+        final: bool,
+    ) -> Plan[EventT] | None:
+        """Work the batch out from reads outside the write lock, then write it under the lock;
+        None when the projector cannot, or when a unique key shows it changed meanwhile."""
+        plan: Plan[EventT] = Plan(dead=list(dead))
+        async with reader() as session:
+            known = await inbox.existing_keys(session, self.consumer, (d.key for d in decoded))
+            fresh = self._drop_duplicates(decoded, known, plan)
+            prepared = await projector.prepare(session, fresh)
+            dialect = session.get_bind().dialect
+        if prepared is None:
+            return None
+        self._sort_outcomes(fresh, prepared.outcomes, plan, final)
+        inbox_insert = inbox.draft(dialect, self.consumer, self._inbox_rows(plan))
+        letters = [self._letter(d, why) for d, why in plan.dead]
+        try:
+            async with (
+                write_turn(self.sessionmaker),
+                self.sessionmaker() as session,
+                session.begin(),
+            ):
+                await run_insert(session, inbox_insert)
+                await prepared.write(session)
+                await dead_letters.record(session, letters)
+                fault_point(f"{self.consumer}:before_commit")
+                plan.outbox_rows = outbox.pending_of(session)
+        except IntegrityError as error:
+            log.info(
+                "batch changed since it was prepared; applying it under the write lock",
+                extra=self._tag(error=describe_error(error)),
+            )
+            return None
+        return plan
+
+    @staticmethod
+    def _inbox_rows(plan: Plan[EventT]) -> list[inbox.InboxRow]:
+        return [
+            (item.key, item.delivery.stream, item.delivery.stream_seq, outcome.detail)
+            for item, outcome in plan.applied
+        ]
+
+    def _drop_duplicates(
+        self, decoded: list[Decoded[EventT]], known: set[str], plan: Plan[EventT]
     ) -> list[Decoded[EventT]]:
-        known = await inbox.existing_keys(session, self.consumer, (d.key for d in decoded))
+        """The events not applied yet; the others are the plan's duplicates."""
         fresh: list[Decoded[EventT]] = []
         for item in decoded:
             if item.key in known:
@@ -292,6 +378,8 @@ class EventConsumer(Generic[EventT]):
         plan: Plan[EventT],
         final: bool,
     ) -> None:
+        if len(outcomes) != len(fresh):
+            raise RuntimeError("projector returned a different number of outcomes")
         for item, outcome in zip(fresh, outcomes, strict=True):
             if outcome.kind == "done":
                 plan.applied.append((item, outcome))

@@ -4,7 +4,8 @@ Why not FastStream's pull subscriber: when nats-py's `fetch` raises the builtin 
 (it does when a fetch's deadline runs out between its two pull requests), FastStream's loop
 does not catch it and drops the messages it had already fetched for that batch; they come back
 only after ack_wait. Owning the loop keeps every fetched message handled at once, and keeps the
-ack decisions in shared.event_consumer.
+ack decisions in shared.event_consumer. The batches come from shared.pull_consumer, which asks
+JetStream's pull API directly instead of through nats-py's per-message `fetch`.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import time
 from collections.abc import Awaitable, Callable
 
 import nats.errors
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.client import JetStreamContext
 
 from contracts.streams import ConsumerSpec
 from shared.observability import EVENT_DELAY_SECONDS, HANDLER_SECONDS, MESSAGES_FETCHED, handling
+from shared.pull_consumer import PullConsumer, PullError
 
 log = logging.getLogger(__name__)
 
@@ -55,69 +57,33 @@ class PullLoop:
         self.handler = handler
         self._running = False
         self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
 
-    async def start(self, js: JetStreamContext) -> None:
-        subscription = await js.pull_subscribe_bind(self.spec.durable, self.spec.stream)
+    async def start(self, nc: NatsClient) -> None:
+        consumer = PullConsumer(nc, self.spec.stream, self.spec.durable)
+        await consumer.start()
         self._running = True
-        self._task = asyncio.create_task(self._run(subscription), name=f"pull:{self.spec.durable}")
+        self._task = asyncio.create_task(self._run(consumer), name=f"pull:{self.spec.durable}")
 
-    async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
+    async def _run(self, consumer: PullConsumer) -> None:
         # The next batch is fetched while this one is applied, so the round trip and the
         # parsing of the next batch overlap the database work of this one.
-        next_batch: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch(subscription))
+        next_batch: asyncio.Task[list[Msg]] | None = asyncio.create_task(self._fetch(consumer))
         while next_batch is not None:  # until stop(): then the batch in flight is the last
             messages = await next_batch
-            if self._running:
-                messages = await self._top_up(subscription, messages)
-            next_batch = asyncio.create_task(self._fetch(subscription)) if self._running else None
+            next_batch = asyncio.create_task(self._fetch(consumer)) if self._running else None
             if messages:
                 await handle_observed(self.spec.durable, self.handler, messages)
         with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+            await consumer.stop()
 
-    async def _top_up(
-        self, subscription: JetStreamContext.PullSubscription, messages: list[Msg]
-    ) -> list[Msg]:
-        """Complete a short batch with what the server already sent for it.
+    async def _fetch(self, consumer: PullConsumer) -> list[Msg]:
+        """One batch; empty when nothing arrived within fetch_timeout_s or the fetch failed.
 
-        The next batch is fetched while this one is applied, and a busy event loop lets that
-        fetch's deadline pass mid-delivery: it returns part of the batch and the rest waits in
-        the subscription's queue. Applying it as a second, small batch cost a whole
-        transaction's fixed work, so under a backlog every other batch was a short one. Taking
-        the queued messages now keeps batches full; an idle consumer has none queued.
+        Never more than max_ack_pending: the server stops delivering there and holds the
+        request open until it expires, so a larger batch would always wait out the timeout.
         """
-        wanted = self.spec.batch_size
-        while messages and len(messages) < wanted and subscription.pending_msgs > 0:
-            needed = wanted - len(messages)
-            # fetch(n) takes the whole queue and asks the server (no wait) for the rest, so it
-            # only fits a queue shorter than n; fetch(1) takes one queued message.
-            more = await self._fetch(
-                subscription, needed if subscription.pending_msgs < needed else 1
-            )
-            if not more:
-                break
-            messages = messages + more
-        return messages
-
-    async def _fetch(
-        self, subscription: JetStreamContext.PullSubscription, batch: int | None = None
-    ) -> list[Msg]:
-        """One batch; empty when nothing arrived within fetch_timeout_s or the fetch failed."""
-        try:
-            messages = await subscription.fetch(
-                batch or self.spec.batch_size, timeout=self.spec.fetch_timeout_s
-            )
-            _parse_metadata(messages)
-            return messages
-        except TimeoutError:
-            return []  # nothing arrived within fetch_timeout_s
-        except (nats.errors.ConnectionClosedError, nats.errors.Error, OSError) as error:
-            log.warning(
-                "fetch failed", extra={"consumer": self.spec.durable, "error": type(error).__name__}
-            )
-            await asyncio.sleep(FETCH_ERROR_PAUSE_S)
-            return []
+        batch = min(self.spec.batch_size, self.spec.max_ack_pending)
+        return await fetch_or_pause(consumer, batch, self.spec.fetch_timeout_s)
 
     async def stop(self, timeout_s: float) -> None:
         """Stop fetching; let the batch in hand commit and ack for up to `timeout_s`."""
@@ -131,6 +97,22 @@ class PullLoop:
             log.warning("batch still running at shutdown", extra={"consumer": self.spec.durable})
 
 
+async def fetch_or_pause(consumer: PullConsumer, batch: int, timeout_s: float) -> list[Msg]:
+    """A batch of `consumer`, with its metadata parsed; empty after a failure, logged, and a
+    pause (the connection is down, or the server refused the request)."""
+    try:
+        messages = await consumer.fetch(batch, timeout_s)
+    except (nats.errors.Error, OSError, PullError) as error:
+        log.warning(
+            "fetch failed",
+            extra={"consumer": consumer.consumer, "error": f"{type(error).__name__}: {error}"},
+        )
+        await asyncio.sleep(FETCH_ERROR_PAUSE_S)
+        return []
+    _parse_metadata(messages)
+    return messages
+
+
 def _parse_metadata(messages: list[Msg]) -> None:
     """Parse the messages' JetStream metadata now; nats-py keeps it on each message.
 
@@ -140,7 +122,7 @@ def _parse_metadata(messages: list[Msg]) -> None:
     for message in messages:
         try:
             message.metadata  # noqa: B018 - parsed and memoized by the property
-        except Exception:  # not a JetStream message (a test double): nothing to parse
+        except Exception:  # unparsable: the consumer's decode step dead-letters it
             return
 
 
@@ -171,39 +153,26 @@ class PartitionedPullLoop:
         # One label for the partitions' shared batches: their durables' common prefix.
         self._label = _common_prefix([spec.durable for spec in specs])
 
-    async def start(self, js: JetStreamContext) -> None:
+    async def start(self, nc: NatsClient) -> None:
         self._running = True
         for spec in self.specs:
-            subscription = await js.pull_subscribe_bind(spec.durable, spec.stream)
+            consumer = PullConsumer(nc, spec.stream, spec.durable)
+            await consumer.start()
             self._tasks.append(
-                asyncio.create_task(self._fetch(spec, subscription), name=f"pull:{spec.durable}")
+                asyncio.create_task(self._fetch(spec, consumer), name=f"pull:{spec.durable}")
             )
         self._applier = asyncio.create_task(self._apply(), name="pull:partitions")
 
-    async def _fetch(
-        self, spec: ConsumerSpec, subscription: JetStreamContext.PullSubscription
-    ) -> None:
+    async def _fetch(self, spec: ConsumerSpec, consumer: PullConsumer) -> None:
         while self._running:  # runs until stop()
-            try:
-                messages = await subscription.fetch(1, timeout=spec.fetch_timeout_s * 10)
-            except TimeoutError:
-                continue
-            except (nats.errors.Error, OSError) as error:
-                log.warning(
-                    "fetch failed", extra={"consumer": spec.durable, "error": type(error).__name__}
-                )
-                await asyncio.sleep(FETCH_ERROR_PAUSE_S)
-                continue
-            for message in messages:
+            for message in await fetch_or_pause(consumer, 1, spec.fetch_timeout_s * 10):
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 await self._queue.put((message, done))
                 if self._queue.qsize() + 1 >= len(self.specs):
                     self._all_ready.set()  # with the one the applier has taken, all are here
                 await done  # the partition's next message comes only after this one is settled
-        # As PullLoop does: a subscription left open holds the connection's drain at shutdown
-        # (its queue's unfinished pull responses) until nats-py's 30 s drain timeout.
         with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+            await consumer.stop()
 
     async def _apply(self) -> None:
         while not (self._fetching_done and self._queue.empty()):

@@ -61,7 +61,13 @@ class WorkerRuntime:
         self.sessionmaker: async_sessionmaker[AsyncSession] = async_sessionmaker(
             expire_on_commit=False
         )
+        # Sessions that never take SQLite's write lock: consumers read there what they prepare
+        # before their write transaction (shared.event_consumer).
+        self.read_sessionmaker: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            expire_on_commit=False
+        )
         self._engine: AsyncEngine | None = None
+        self._reader_engine: AsyncEngine | None = None
         self._nc: NatsClient | None = None
         creds = credentials(settings, "worker")
         self.broker = NatsBroker(
@@ -113,6 +119,8 @@ class WorkerRuntime:
         configure_logging(self.role, self.settings.log_level)
         self._engine = make_engine(self.settings.resolved_database_url, writer=True)
         self.sessionmaker.configure(bind=self._engine)
+        self._reader_engine = make_engine(self.settings.resolved_database_url, writer=False)
+        self.read_sessionmaker.configure(bind=self._reader_engine)
         await require_schema_at_head(self._engine)
         self._nc = await connect(self.settings, "worker", f"payments-{self.role}-publisher")
         await self._require_consumers()
@@ -131,7 +139,7 @@ class WorkerRuntime:
 
     async def _start_pulling(self) -> None:
         for loop in self.pull_loops:
-            await loop.start(self.js)
+            await loop.start(self.nc)
 
     async def _shutdown(self) -> None:
         await self.lag_poller.stop()
@@ -147,8 +155,9 @@ class WorkerRuntime:
             except nats.errors.Error:
                 # Reconnecting or already closing: nothing left to flush that the outbox won't.
                 await self._nc.close()
-        if self._engine is not None:
-            await self._engine.dispose()
+        for engine in (self._engine, self._reader_engine):
+            if engine is not None:
+                await engine.dispose()
         log.info("worker stopped")
 
     async def _require_consumers(self) -> None:
@@ -175,7 +184,11 @@ class WorkerRuntime:
     ) -> EventConsumer[Any]:
         """An EventConsumer on this worker's database whose outbox this worker publishes."""
         built: EventConsumer[Any] = EventConsumer(
-            consumer=consumer, schemas=schemas, projector=projector, sessionmaker=self.sessionmaker
+            consumer=consumer,
+            schemas=schemas,
+            projector=projector,
+            sessionmaker=self.sessionmaker,
+            reader=self.read_sessionmaker,
         )
         self.event_consumers.append(built)
         return built

@@ -328,12 +328,20 @@ class Model:
 
 
 class Run:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    """The live worker's path: batches worked out from a reader before the write transaction
+    (shared.event_consumer's prepared path, with its fallback under the lock)."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        reader: async_sessionmaker[AsyncSession],
+    ) -> None:
         self.consumer: EventConsumer[Any] = EventConsumer(
             consumer=CONSUMER,
             schemas=SCHEMAS,
             projector=LedgerProjector(),
             sessionmaker=sessions,
+            reader=reader,
         )
         self.sessions = sessions
         self.model = Model()
@@ -485,7 +493,8 @@ async def ledger_of(
 
 
 async def replay_matches(live: Run, target: Path) -> None:
-    """apply_final over every message in stream order rebuilds the same ledger."""
+    """apply_final over every message in stream order, all under the write lock as replay runs
+    it, rebuilds the same ledger as the live path did."""
     engine = make_engine(f"sqlite+aiosqlite:///{target}", writer=True)
     try:
         sessions = make_sessionmaker(engine)
@@ -505,8 +514,9 @@ async def run_steps(template: Path, workdir: Path, batches: list[list[Any]]) -> 
     live_path, replay_path = workdir / "live.db", workdir / "replay.db"
     shutil.copyfile(template, live_path)
     engine = make_engine(f"sqlite+aiosqlite:///{live_path}", writer=True)
+    reader = make_engine(f"sqlite+aiosqlite:///{live_path}", writer=False)
     try:
-        run = Run(make_sessionmaker(engine))
+        run = Run(make_sessionmaker(engine), make_sessionmaker(reader))
         for batch in batches:
             await run.step(batch)
         if run.model.retried == 0 and run.model.dead == 0:
@@ -514,6 +524,7 @@ async def run_steps(template: Path, workdir: Path, batches: list[list[Any]]) -> 
             await replay_matches(run, replay_path)
     finally:
         await engine.dispose()
+        await reader.dispose()
 
 
 @pytest.fixture(scope="module")
@@ -576,8 +587,9 @@ def test_model_agrees_on_a_known_sequence(template_db: Path) -> None:
         live = workdir / "live.db"
         shutil.copyfile(template_db, live)
         engine = make_engine(f"sqlite+aiosqlite:///{live}", writer=True)
+        reader = make_engine(f"sqlite+aiosqlite:///{live}", writer=False)
         try:
-            run = Run(make_sessionmaker(engine))
+            run = Run(make_sessionmaker(engine), make_sessionmaker(reader))
             for batch in batches:
                 await run.step(batch)
             # The unknown orchestrator's adjustment, redelivered until it is dead-lettered.
@@ -586,6 +598,7 @@ def test_model_agrees_on_a_known_sequence(template_db: Path) -> None:
             return run.model
         finally:
             await engine.dispose()
+            await reader.dispose()
 
     with tempfile.TemporaryDirectory(dir=template_db.parent) as workdir:
         model = asyncio.run(scenario(Path(workdir)))

@@ -32,7 +32,7 @@ async def first_batch(nc: NatsClient) -> list[Msg]:
         await batches.put(messages)
 
     loop = PartitionedPullLoop(SESSION_PARTITION_CONSUMERS, handler)
-    await loop.start(nc.jetstream())
+    await loop.start(nc)
     try:
         return await asyncio.wait_for(batches.get(), BATCH_WAIT_S)
     finally:

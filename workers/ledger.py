@@ -17,6 +17,14 @@ Guarantee
   recorded as a conflict and changes nothing. Credits are priced by the rate stamped into the
   event by the ingress, and dated by the ingress's receive time, so a replay credits the same.
 
+Scaling
+  Copies share the durable consumer. A batch without updates is worked out from reads outside
+  the write transaction and only written under it (`LedgerProjector.prepare`), so on SQLite,
+  where one writer holds the database at a time, copies overlap all but their writes. Those
+  writes are plain INSERTs: if another copy stored one of the rows meanwhile, a unique key
+  fails, the transaction rolls back, and the batch is applied again under the lock
+  (tests/test_prepared_batches.py). A batch with updates is always applied under the lock.
+
 Limits
   An event for an orchestrator or workload the projection does not hold yet is retried with
   backoff and dead-lettered after MAX_ATTEMPTS deliveries. An update older than the workload's
@@ -39,10 +47,11 @@ from contracts.events import (
     WorkloadUpdatedV1,
 )
 from contracts.streams import LEDGER_WORKLOADS_CONSUMER, ConsumerSpec
+from shared.db.engine import run_insert
 from shared.db.repositories import ledger, registry, workloads
 from shared.db.repositories.ledger import NewEntry
 from shared.db.repositories.workloads import WorkloadRow
-from shared.event_consumer import Decoded, EventConsumer, Outcome
+from shared.event_consumer import Decoded, EventConsumer, Outcome, PreparedBatch
 from shared.money import rate_credit_wei
 from shared.settings import load_settings
 from shared.worker_app import WorkerRuntime
@@ -64,13 +73,39 @@ class LedgerProjector:
     async def apply(
         self, session: AsyncSession, items: Sequence[Decoded[WorkloadEvent]]
     ) -> list[Outcome]:
-        known_orchestrators = await registry.get_many(
-            session, {item.event.orchestrator_id for item in items}
-        )
-        held = await workloads.load_rows(
-            session,
-            (i.event.workload_id for i in items if not isinstance(i.event, LedgerAdjustmentV1)),
-        )
+        held = await workloads.load_rows(session, _workload_ids(items))
+        outcomes, entries = self._project(items, await _known(session, items), held)
+        await workloads.save_rows(session, held.values())
+        await ledger.post_entries(session, entries)
+        return outcomes
+
+    async def prepare(
+        self, reader: AsyncSession, items: Sequence[Decoded[WorkloadEvent]]
+    ) -> PreparedBatch | None:
+        """The batch worked out outside the write lock, unless it updates workloads: an update
+        changes a row another copy may be changing too, so that batch goes under the lock.
+        New workloads, entries and balances are INSERTs (balances are moved under the lock)."""
+        if any(isinstance(item.event, WorkloadUpdatedV1) for item in items):
+            return None
+        held = await workloads.load_rows(reader, _workload_ids(items))
+        outcomes, entries = self._project(items, await _known(reader, items), held)
+        dialect = reader.get_bind().dialect
+        new_workloads = workloads.draft_new(dialect, held.values())
+        drafts = ledger.draft_entries(dialect, entries)
+
+        async def write(session: AsyncSession) -> None:
+            await run_insert(session, new_workloads)
+            await ledger.post_drafts(session, drafts)
+
+        return PreparedBatch(outcomes, write)
+
+    def _project(
+        self,
+        items: Sequence[Decoded[WorkloadEvent]],
+        known_orchestrators: set[str],
+        held: dict[str, WorkloadRow],
+    ) -> tuple[list[Outcome], list[NewEntry]]:
+        """Each event's outcome and the entries due, changing `held` as the events say."""
         entries: list[NewEntry] = []
         outcomes = []
         for item in items:
@@ -78,9 +113,7 @@ class LedgerProjector:
                 outcomes.append(Outcome.retry("unknown orchestrator"))
                 continue
             outcomes.append(self._apply_one(item, held, entries))
-        await workloads.save_rows(session, held.values())
-        await ledger.post_entries(session, entries)
-        return outcomes
+        return outcomes, entries
 
     def _apply_one(
         self,
@@ -140,6 +173,14 @@ class LedgerProjector:
         workload.credited_at = item.event.received_at
         workload.changed = True
         entries.append(workload_entry(item, workload))
+
+
+def _workload_ids(items: Sequence[Decoded[WorkloadEvent]]) -> list[str]:
+    return [i.event.workload_id for i in items if not isinstance(i.event, LedgerAdjustmentV1)]
+
+
+async def _known(session: AsyncSession, items: Sequence[Decoded[WorkloadEvent]]) -> set[str]:
+    return await registry.known_ids(session, {item.event.orchestrator_id for item in items})
 
 
 def new_workload(event: WorkloadTimeRecordedV1 | WorkloadSubmittedV1) -> WorkloadRow:

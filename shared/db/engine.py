@@ -117,6 +117,7 @@ def insert_for(session: AsyncSession) -> Any:
 @dataclass(frozen=True)
 class _InsertPlan:
     sql: str
+    columns: tuple[str, ...]  # in the statement's order
     take: Callable[[Mapping[str, Any]], Any]  # a row's values in the statement's order
     processors: tuple[tuple[int, Callable[[Any], Any]], ...]  # (position, bind processor)
 
@@ -143,9 +144,46 @@ def _insert_plan(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> _I
         if processor is not None:
             processors.append((position, processor))
     take = itemgetter(*names) if len(names) > 1 else (lambda row: (row[names[0]],))
-    plan = _InsertPlan(compiled.string, take, tuple(processors))
+    plan = _InsertPlan(compiled.string, names, take, tuple(processors))
     plans[(table, columns)] = plan
     return plan
+
+
+@dataclass(frozen=True)
+class PreparedInsert:
+    """An executemany ready to run: the compiled INSERT and each row's processed values."""
+
+    sql: str
+    columns: tuple[str, ...]  # the columns of each parameter tuple, in order
+    parameters: list[tuple[Any, ...]]
+
+
+def prepare_insert(
+    dialect: Dialect, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> PreparedInsert:
+    """The INSERT of `rows` into `table`, values processed as the typed executemany would.
+
+    Pure computation, so a consumer can do it before it takes the write lock. Every row has the
+    first row's keys, and those must be all the columns the INSERT names.
+    """
+    if not rows:
+        return PreparedInsert("", (), [])
+    plan = _insert_plan(dialect, table, tuple(rows[0]))
+    take, processors = plan.take, plan.processors
+    parameters: list[tuple[Any, ...]] = []
+    for row in rows:
+        values = list(take(row))
+        for position, processor in processors:
+            values[position] = processor(values[position])
+        parameters.append(tuple(values))
+    return PreparedInsert(plan.sql, plan.columns, parameters)
+
+
+async def run_insert(session: AsyncSession, prepared: PreparedInsert) -> None:
+    """Execute a prepared INSERT in the session's transaction (nothing when it has no rows)."""
+    if prepared.parameters:
+        connection = await session.connection()
+        await connection.exec_driver_sql(prepared.sql, prepared.parameters)
 
 
 async def insert_rows(
@@ -155,21 +193,11 @@ async def insert_rows(
 
     The statement is compiled once per dialect and the values go through the columns' own bind
     processors, so the driver receives the values the typed executemany would send; only the
-    per-row parameter bookkeeping (the bulk of a large insert's CPU) is skipped. Every row has
-    the first row's keys, and those must be all the columns the INSERT names.
+    per-row parameter bookkeeping (the bulk of a large insert's CPU) is skipped.
     """
-    if not rows:
-        return
-    connection = await session.connection()
-    plan = _insert_plan(connection.dialect, table, tuple(rows[0]))
-    take, processors = plan.take, plan.processors
-    parameters: list[tuple[Any, ...]] = []
-    for row in rows:
-        values = list(take(row))
-        for position, processor in processors:
-            values[position] = processor(values[position])
-        parameters.append(tuple(values))
-    await connection.exec_driver_sql(plan.sql, parameters)
+    if rows:
+        connection = await session.connection()
+        await run_insert(session, prepare_insert(connection.dialect, table, rows))
 
 
 # -- key lookups --------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.engine import insert_rows, select_in
+from shared.db.engine import PreparedInsert, prepare_insert, run_insert, select_in
 from shared.db.models import ProcessedEvent
 
 _TABLE = ProcessedEvent.__table__  # type: ignore[attr-defined]
@@ -22,16 +23,15 @@ async def existing_keys(session: AsyncSession, consumer: str, keys: Iterable[str
     return {key for (key,) in rows}
 
 
-async def record(
-    session: AsyncSession,
-    consumer: str,
-    rows: Sequence[tuple[str, str, int, dict[str, Any] | None]],
-) -> None:
-    """Insert (event_key, stream, stream_seq, outcome) rows; the unique key rejects a second one."""
-    if not rows:
-        return
-    await insert_rows(
-        session,
+# (event_key, stream, stream_seq, outcome) of one applied event.
+InboxRow = tuple[str, str, int, dict[str, Any] | None]
+
+
+def draft(dialect: Dialect, consumer: str, rows: Sequence[InboxRow]) -> PreparedInsert:
+    """The INSERT of (event_key, stream, stream_seq, outcome) rows, built before the write lock;
+    run in a transaction, the unique key rejects an event key that is there already."""
+    return prepare_insert(
+        dialect,
         _TABLE,
         [
             {
@@ -44,6 +44,13 @@ async def record(
             for key, stream, seq, outcome in rows
         ],
     )
+
+
+async def record(session: AsyncSession, consumer: str, rows: Sequence[InboxRow]) -> None:
+    """Insert (event_key, stream, stream_seq, outcome) rows; the unique key rejects a second one."""
+    if rows:
+        connection = await session.connection()
+        await run_insert(session, draft(connection.dialect, consumer, rows))
 
 
 async def outcome_of(session: AsyncSession, consumer: str, key: str) -> dict[str, Any] | None:

@@ -7,20 +7,28 @@ unique `entry_key` makes a second entry for the same source impossible in the da
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import LedgerEntryV1
 from contracts.streams import LEDGER
-from shared.db.engine import dialect_name, insert_for, insert_rows, select_in
+from shared.db.engine import (
+    PreparedInsert,
+    dialect_name,
+    insert_for,
+    prepare_insert,
+    run_insert,
+    select_in,
+)
 from shared.db.models import Balance, LedgerEntry
 from shared.db.repositories import outbox
 
@@ -79,6 +87,30 @@ async def _lock_balances(session: AsyncSession, ids: list[str]) -> dict[str, int
     return {oid: int(value) for oid, value in rows.all()}
 
 
+@dataclass(frozen=True)
+class EntryDrafts:
+    """Entries with their INSERT values built, all but each balance after (known only once the
+    balances are locked). Building them needs no database, so a consumer can do it before it
+    takes the write lock."""
+
+    entries: list[NewEntry]
+    insert: PreparedInsert
+    balance_position: int
+    balance_processor: Callable[[Any], Any] | None
+
+
+def draft_entries(dialect: Dialect, entries: Sequence[NewEntry]) -> EntryDrafts:
+    rows = [_entry_row(entry, 0) for entry in entries]
+    prepared = prepare_insert(dialect, _ENTRIES, rows)
+    wei_type = _ENTRIES.c.balance_after_wei.type.dialect_impl(dialect)
+    return EntryDrafts(
+        list(entries),
+        prepared,
+        prepared.columns.index("balance_after_wei") if rows else -1,
+        wei_type.bind_processor(dialect),
+    )
+
+
 async def post_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> list[PostedEntry]:
     """Append entries and move balances; entries whose key already exists are skipped."""
     if not entries:
@@ -91,15 +123,29 @@ async def post_entries(session: AsyncSession, entries: Sequence[NewEntry]) -> li
             fresh.append(entry)
     if not fresh:
         return []
+    connection = await session.connection()
+    return await post_drafts(session, draft_entries(connection.dialect, fresh))
+
+
+async def post_drafts(session: AsyncSession, drafts: EntryDrafts) -> list[PostedEntry]:
+    """Append drafted entries and move balances. An entry whose key exists already is not
+    skipped: its INSERT fails on the unique key (IntegrityError) and rolls the batch back."""
+    fresh = drafts.entries
+    if not fresh:
+        return []
     balances = await _lock_balances(session, sorted({e.orchestrator_id for e in fresh}))
-    rows, after = [], []
-    for entry in fresh:
-        balances[entry.orchestrator_id] += entry.amount_wei
-        after.append(balances[entry.orchestrator_id])
-        rows.append(_entry_row(entry, balances[entry.orchestrator_id]))
+    position, processor = drafts.balance_position, drafts.balance_processor
+    parameters, after = [], []
+    for entry, values in zip(fresh, drafts.insert.parameters, strict=True):
+        balance = balances[entry.orchestrator_id] + entry.amount_wei
+        balances[entry.orchestrator_id] = balance
+        after.append(balance)
+        row = list(values)
+        row[position] = processor(balance) if processor is not None else balance
+        parameters.append(tuple(row))
     # A plain executemany, then the ids by key: INSERT ... RETURNING with parameter order
     # makes SQLite run one statement per row, which cost most of a batch's time.
-    await insert_rows(session, _ENTRIES, rows)
+    await run_insert(session, PreparedInsert(drafts.insert.sql, drafts.insert.columns, parameters))
     by_key = await _ids_by_key(session, _ENTRIES, "entry_key", [e.entry_key for e in fresh])
     ids = [by_key[e.entry_key] for e in fresh]
     posted = [PostedEntry(i, e, b) for i, e, b in zip(ids, fresh, after, strict=True)]
@@ -159,7 +205,9 @@ async def _move_balances(session: AsyncSession, posted: Sequence[PostedEntry]) -
 
 def _ledger_message(posted: PostedEntry) -> tuple[str, str, LedgerEntryV1, str]:
     entry = posted.entry
-    message = LedgerEntryV1(
+    # Every field comes from a validated event or from this transaction: constructing it
+    # unvalidated (under the write lock, once per entry) serializes to the same JSON.
+    message = LedgerEntryV1.model_construct(
         entry_id=posted.entry_id,
         entry_key=entry.entry_key,
         orchestrator_id=entry.orchestrator_id,

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts.events import HealthReportV1, OrchestratorRegisteredV1
+from shared.db.engine import select_in
 from shared.db.models import Orchestrator
 from shared.registry_rules import (
     HEALTH_URL_SOURCE,
@@ -21,6 +22,8 @@ from shared.registry_rules import (
     eligible_for_payments,
     services_up,
 )
+
+_TABLE = Orchestrator.__table__  # type: ignore[attr-defined]
 
 
 async def get(session: AsyncSession, orchestrator_id: str) -> Orchestrator | None:
@@ -49,6 +52,13 @@ async def get_many(
         query = query.with_for_update()
     rows = await session.execute(query)
     return {row.orchestrator_id: row for row in rows.scalars()}
+
+
+async def known_ids(session: AsyncSession, ids: Iterable[str]) -> set[str]:
+    """Which of `ids` are registered (orchestrators are never deleted)."""
+    wanted = sorted(set(ids))
+    rows = await select_in(session, _TABLE, ("orchestrator_id",), "orchestrator_id", wanted)
+    return {orchestrator_id for (orchestrator_id,) in rows}
 
 
 async def list_all(session: AsyncSession) -> list[Orchestrator]:

@@ -8,10 +8,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
-from shared.db.engine import insert_rows
+from shared.db.engine import PreparedInsert, insert_rows, prepare_insert
 from shared.db.lookups import KeyLookups
 from shared.db.models import Workload
 
@@ -113,6 +114,12 @@ async def load_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, Work
         for row in rows.mappings():
             found[row["workload_id"]] = WorkloadRow(**dict(row))
     return found
+
+
+def draft_new(dialect: Dialect, rows: Iterable[WorkloadRow]) -> PreparedInsert:
+    """The INSERT of the new rows, built before the write lock; run in a transaction, the
+    primary key rejects a workload that another copy has stored since."""
+    return prepare_insert(dialect, _TABLE, [row.values() for row in rows if row.is_new])
 
 
 async def save_rows(session: AsyncSession, rows: Iterable[WorkloadRow]) -> None:
