@@ -14,13 +14,16 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import DateTime, insert
+from sqlalchemy import DateTime, delete, insert, select
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db.engine import insert_rows, make_engine, make_sessionmaker, select_in
+from contracts.events import LedgerEntryV1
+from shared.db.engine import insert_rows, inserted_ids, make_engine, make_sessionmaker, select_in
 from shared.db.lookups import KeyLookups
 from shared.db.models import DeadLetter, LedgerEntry, OutboxMessage, ProcessedEvent, Workload
+from shared.db.repositories import outbox
+from shared.db.repositories.ledger import NewEntry, post_entries
 from shared.db.types import UtcDateTime
 from tests.harness import Database
 
@@ -281,3 +284,108 @@ async def test_key_lookups_read_what_select_in_reads_and_see_later_writes(
         await lookups.close()
         await reader.dispose()
         await writer.dispose()
+
+
+OUTBOX_ROW = {
+    "stream": "S",
+    "subject": "s.x",
+    "event_key": "between",
+    "schema_name": "x.v1",
+    "body": b"{}",
+    "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+}
+
+
+async def test_inserted_ids_are_the_ids_the_rows_got(database: Database) -> None:
+    """The ids of an executemany's rows, by the consecutive-rowid rule on SQLite (also after
+    deleted rows left gaps below them) and by key on PostgreSQL: the same as a lookup."""
+    engine = make_engine(database.url)
+    sessions = make_sessionmaker(engine)
+    table = ProcessedEvent.__table__  # type: ignore[attr-defined]
+
+    def rows(prefix: str, count: int) -> list[dict[str, Any]]:
+        return [
+            {"consumer": "c", "event_key": f"{prefix}{i}", "stream": "S", "stream_seq": i}
+            | {"outcome": None}
+            for i in range(count)
+        ]
+
+    try:
+        got: dict[str, list[int]] = {}
+        for prefix, count in (("a", 5), ("b", 1), ("c", 700)):
+            async with sessions() as session, session.begin():
+                await insert_rows(session, table, rows(prefix, count))
+                keys = [f"{prefix}{i}" for i in range(count)]
+                got[prefix] = await inserted_ids(session, table, "event_key", keys)
+                if prefix == "a":  # a gap below the next rows
+                    await session.execute(delete(table).where(table.c.event_key == "a2"))
+        async with sessions() as session, session.begin():
+            # Another table's INSERT in between: last_insert_rowid() is its row's, the check
+            # finds other keys at those ids, and the ids are looked up instead.
+            await insert_rows(session, table, rows("d", 3))
+            await session.execute(insert(OutboxMessage.__table__), [OUTBOX_ROW])  # type: ignore[attr-defined]
+            got["d"] = await inserted_ids(session, table, "event_key", ["d0", "d1", "d2"])
+        async with sessions() as session:
+            stored = dict(
+                (await session.execute(select(table.c.event_key, table.c.id))).tuples().all()
+            )
+        assert "a2" not in stored
+        stored["a2"] = got["a"][2]  # deleted since
+        for prefix, ids in got.items():
+            assert ids == [stored[f"{prefix}{i}"] for i in range(len(ids))]
+        assert len(set(got["a"] + got["b"] + got["c"] + got["d"])) == 709
+    finally:
+        await engine.dispose()
+
+
+ENTRY_METADATA: list[dict[str, Any]] = [
+    {},
+    {"workload_id": "w-1", "duration_ms": "180000", "artifact_uri": None},
+    {"notes": "naïve café ✓", "nested": {"list": [1, 2.5, None, True], "big": 10**40}},
+]
+
+
+async def test_ledger_messages_are_the_models_own_json(database: Database) -> None:
+    """The LEDGER bodies post_entries queues, written without the model, are byte for byte
+    what LedgerEntryV1.model_dump_json gives for the stored entry."""
+    engine = make_engine(database.url)
+    sessions = make_sessionmaker(engine)
+    occurred = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    entries = [
+        NewEntry(
+            entry_key=f"k{i}",
+            orchestrator_id="o-json",
+            amount_wei=amount,
+            reason="workload_time",
+            source_stream="WORKLOADS",
+            source_seq=i + 1,
+            source_key=f"s{i}",
+            occurred_at=occurred + timedelta(seconds=i) if i else occurred.replace(microsecond=0),
+            metadata=ENTRY_METADATA[i % len(ENTRY_METADATA)],
+        )
+        for i, amount in enumerate([1, 10**30, -(10**20), 0, 5 * 10**18])
+    ]
+    try:
+        async with sessions() as session, session.begin():
+            posted = await post_entries(session, entries)
+            queued = outbox.pending_of(session)
+        assert len(queued) == len(entries)
+        for item, message in zip(posted, queued, strict=True):
+            model = LedgerEntryV1(
+                entry_id=item.entry_id,
+                entry_key=item.entry.entry_key,
+                orchestrator_id=item.entry.orchestrator_id,
+                amount_wei=item.entry.amount_wei,
+                balance_after_wei=item.balance_after_wei,
+                reason=item.entry.reason,
+                source_stream=item.entry.source_stream,
+                source_seq=item.entry.source_seq,
+                source_key=item.entry.source_key,
+                metadata=item.entry.metadata,
+                occurred_at=item.entry.occurred_at,
+            )
+            assert message.body == model.model_dump_json().encode()
+            assert message.schema_name == LedgerEntryV1.SCHEMA
+            assert message.event_key == f"ledger:{item.entry.entry_key}"
+    finally:
+        await engine.dispose()

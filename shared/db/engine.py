@@ -200,6 +200,33 @@ async def insert_rows(
         await run_insert(session, prepare_insert(connection.dialect, table, rows))
 
 
+async def inserted_ids(
+    session: AsyncSession, table: Table, key: str, keys: Sequence[Any]
+) -> list[int]:
+    """The ids of the rows the session's last INSERT executemany just wrote, one per key and
+    in the same order (`key` is a unique column whose values need no bind processing).
+
+    On SQLite every new row of a write transaction gets the next rowid (one above the largest,
+    or above the AUTOINCREMENT sequence), so one executemany's rows have consecutive ids ending
+    at last_insert_rowid(). That is checked: if the rows at both ends are not the first and last
+    key, or on PostgreSQL, the ids are looked up by key.
+    """
+    if not keys:
+        return []
+    connection = await session.connection()
+    if connection.dialect.name == "sqlite":
+        last = int((await connection.exec_driver_sql("SELECT last_insert_rowid()")).scalar_one())
+        first = last - len(keys) + 1
+        ends = await connection.exec_driver_sql(
+            f"SELECT id, {key} FROM {table.name} WHERE id IN (?, ?)", (first, last)
+        )
+        rows: Sequence[Any] = ends.all()
+        if {row[0]: row[1] for row in rows} == {first: keys[0], last: keys[-1]}:
+            return list(range(first, last + 1))
+    found = {row[0]: int(row[1]) for row in await select_in(session, table, (key, "id"), key, keys)}
+    return [found[value] for value in keys]
+
+
 # -- key lookups --------------------------------------------------------------------------------
 
 # Keys per IN (...) list: SQLite allows 32766 bound parameters; stay far below it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -82,6 +83,10 @@ NAIVE_DATETIME_ERROR = "naive datetimes are not stored; pass a UTC-aware datetim
 _SQLITE_DATETIME = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
 
 
+# A batch's rows repeat a few instants (an event's receive time is its workload's submitted,
+# updated and credited time and its entry's time): each is formatted once. Equal instants in
+# any zone hash and compare equal and have the same UTC text, so the cache cannot mix them up.
+@functools.lru_cache(maxsize=4096)
 def _sqlite_utc_text(value: datetime | None) -> str | None:
     """`value` in UTC as SQLite's DATETIME stores it: `YYYY-MM-DD HH:MM:SS.ffffff`."""
     if value is None:

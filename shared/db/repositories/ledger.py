@@ -13,6 +13,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from pydantic_core import to_json
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -25,6 +26,7 @@ from shared.db.engine import (
     PreparedInsert,
     dialect_name,
     insert_for,
+    inserted_ids,
     prepare_insert,
     run_insert,
     select_in,
@@ -146,19 +148,11 @@ async def post_drafts(session: AsyncSession, drafts: EntryDrafts) -> list[Posted
     # A plain executemany, then the ids by key: INSERT ... RETURNING with parameter order
     # makes SQLite run one statement per row, which cost most of a batch's time.
     await run_insert(session, PreparedInsert(drafts.insert.sql, drafts.insert.columns, parameters))
-    by_key = await _ids_by_key(session, _ENTRIES, "entry_key", [e.entry_key for e in fresh])
-    ids = [by_key[e.entry_key] for e in fresh]
+    ids = await inserted_ids(session, _ENTRIES, "entry_key", [e.entry_key for e in fresh])
     posted = [PostedEntry(i, e, b) for i, e, b in zip(ids, fresh, after, strict=True)]
     await _move_balances(session, posted)
-    await outbox.add_many(session, [_ledger_message(p) for p in posted])
+    await outbox.add_bodies(session, [_ledger_message(p) for p in posted])
     return posted
-
-
-async def _ids_by_key(
-    session: AsyncSession, table: Any, key_column: str, keys: Sequence[str]
-) -> dict[str, int]:
-    rows = await select_in(session, table, (key_column, "id"), key_column, keys)
-    return {key: int(row_id) for key, row_id in rows}
 
 
 def _entry_row(entry: NewEntry, balance_after_wei: int) -> dict[str, Any]:
@@ -203,28 +197,34 @@ async def _move_balances(session: AsyncSession, posted: Sequence[PostedEntry]) -
     )
 
 
-def _ledger_message(posted: PostedEntry) -> tuple[str, str, LedgerEntryV1, str]:
+def _ledger_message(posted: PostedEntry) -> outbox.OutboxDraft:
+    """The entry's LEDGER message: LedgerEntryV1's JSON, written directly.
+
+    Built under the write lock once per entry, where constructing and dumping the model cost
+    three times as much; tests/test_db_types.py checks that the bytes are the model's own.
+    """
     entry = posted.entry
-    # Every field comes from a validated event or from this transaction: constructing it
-    # unvalidated (under the write lock, once per entry) serializes to the same JSON.
-    message = LedgerEntryV1.model_construct(
-        entry_id=posted.entry_id,
-        entry_key=entry.entry_key,
-        orchestrator_id=entry.orchestrator_id,
-        amount_wei=entry.amount_wei,
-        balance_after_wei=posted.balance_after_wei,
-        reason=entry.reason,
-        source_stream=entry.source_stream,
-        source_seq=entry.source_seq,
-        source_key=entry.source_key,
-        metadata=entry.metadata,
-        occurred_at=entry.occurred_at,
+    body = to_json(
+        {
+            "entry_id": posted.entry_id,
+            "entry_key": entry.entry_key,
+            "orchestrator_id": entry.orchestrator_id,
+            "amount_wei": entry.amount_wei,
+            "balance_after_wei": posted.balance_after_wei,
+            "reason": entry.reason,
+            "source_stream": entry.source_stream,
+            "source_seq": entry.source_seq,
+            "source_key": entry.source_key,
+            "metadata": entry.metadata,
+            "occurred_at": entry.occurred_at,
+        }
     )
-    return (
+    return outbox.OutboxDraft(
         LEDGER.name,
         _ledger_subject(entry.orchestrator_id),
-        message,
         f"ledger:{entry.entry_key}",
+        LedgerEntryV1.SCHEMA,
+        body,
     )
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
 from contracts.events import EventModel
-from shared.db.engine import insert_rows, select_in
+from shared.db.engine import insert_rows, inserted_ids
 from shared.db.models import OutboxMessage
 
 _TABLE = OutboxMessage.__table__  # type: ignore[attr-defined]
@@ -93,17 +94,34 @@ async def pending_count(session: AsyncSession) -> int:
     return len(rows.all())
 
 
+class OutboxDraft(NamedTuple):
+    """A message to queue, its body already serialized."""
+
+    stream: str
+    subject: str
+    event_key: str
+    schema_name: str
+    body: bytes
+
+
 async def add_many(
     session: AsyncSession, rows: Sequence[tuple[str, str, EventModel, str]]
 ) -> list[int]:
     """Insert (stream, subject, event, key) rows in one statement; returns their ids in order."""
-    if not rows:
+    return await add_bodies(
+        session,
+        [
+            OutboxDraft(stream, subject, key, event.SCHEMA, event.model_dump_json().encode("utf-8"))
+            for stream, subject, event, key in rows
+        ],
+    )
+
+
+async def add_bodies(session: AsyncSession, drafts: Sequence[OutboxDraft]) -> list[int]:
+    """Insert messages whose bodies are serialized already; returns their ids in order."""
+    if not drafts:
         return []
     now = datetime.now(UTC)
-    drafts = [
-        (stream, subject, key, event.SCHEMA, event.model_dump_json().encode("utf-8"))
-        for stream, subject, event, key in rows
-    ]
     await insert_rows(
         session,
         _TABLE,
@@ -119,10 +137,8 @@ async def add_many(
             for stream, subject, key, schema, body in drafts
         ],
     )
-    # Ids by key rather than RETURNING: see ledger.post_entries.
-    keys = [key for _stream, _subject, key, _schema, _body in drafts]
-    rows = await select_in(session, _TABLE, ("event_key", "id"), "event_key", keys)
-    found = {key: int(row_id) for key, row_id in rows}
-    pending = [PendingOutbox(found[draft[2]], *draft) for draft in drafts]
+    # Ids after the insert rather than RETURNING: see ledger.post_entries.
+    ids = await inserted_ids(session, _TABLE, "event_key", [draft.event_key for draft in drafts])
+    pending = [PendingOutbox(row_id, *draft) for row_id, draft in zip(ids, drafts, strict=True)]
     session.info.setdefault(SESSION_OUTBOX, []).extend(pending)
     return [row.id for row in pending]
