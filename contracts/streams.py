@@ -121,7 +121,7 @@ LEDGER_WORKLOADS_CONSUMER = ConsumerSpec(
     durable="ledger-workloads",
     filter_subjects=(f"{subjects.WORKLOADS}.>",),
     description="Ledger worker: credits workloads and applies adjustments.",
-    batch_size=512,
+    batch_size=1024,
 )
 
 JOBS_PROJECTION_CONSUMER = ConsumerSpec(

@@ -1,7 +1,7 @@
 """Ledger worker: credits content workloads and applies admin adjustments.
 
 Consumes
-  - WORKLOADS `workloads.>` through durable `ledger-workloads`, in batches of up to 512:
+  - WORKLOADS `workloads.>` through durable `ledger-workloads`, in batches of up to 1,024:
     `workloads.time.<orch>` (time-based workloads), `workloads.fixed.<orch>` (fixed-price
     workloads), `workloads.updates.<orch>` (PATCH) and `workloads.adjustments.<orch>`.
 
