@@ -12,6 +12,8 @@ outbox rows the rebuild writes are marked published, since their messages exist 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import heapq
 import sys
 import time
@@ -20,9 +22,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -33,6 +35,7 @@ from shared.db.migrate import upgrade_async
 from shared.db.models import LedgerEntry, Orchestrator, OutboxMessage, ProcessedEvent, Workload
 from shared.event_consumer import Delivery, EventConsumer
 from shared.nats_client import connect
+from shared.pull_consumer import PullConsumer
 from shared.settings import Settings
 
 REPLAY_FETCH_BATCH = 1000
@@ -112,29 +115,29 @@ async def _require_empty(sessions: async_sessionmaker[AsyncSession]) -> None:
                 )
 
 
-async def read_stream(js: JetStreamContext, stream: str) -> AsyncIterator[Msg]:
+async def read_stream(nc: NatsClient, stream: str) -> AsyncIterator[Msg]:
+    """Every message of `stream` from its first, through an ephemeral unacknowledged consumer."""
+    js = nc.jetstream()
     info = await js.stream_info(stream)
     total = info.state.messages
     if total == 0:
         return
-    subscription = await js.pull_subscribe(
-        ">",
-        stream=stream,
-        config=ConsumerConfig(
+    consumer = await js.add_consumer(
+        stream,
+        ConsumerConfig(
             deliver_policy=DeliverPolicy.ALL,
             ack_policy=AckPolicy.NONE,
             inactive_threshold=REPLAY_CONSUMER_IDLE_S,
             mem_storage=True,
         ),
     )
+    reader = PullConsumer(nc, stream, consumer.name)
+    await reader.start()
     seen = 0
     try:
         while seen < total:
-            try:
-                messages = await subscription.fetch(
-                    REPLAY_FETCH_BATCH, timeout=REPLAY_FETCH_TIMEOUT_S
-                )
-            except TimeoutError:
+            messages = await reader.fetch(REPLAY_FETCH_BATCH, REPLAY_FETCH_TIMEOUT_S)
+            if not messages:
                 return
             for message in messages:
                 seen += 1
@@ -142,12 +145,14 @@ async def read_stream(js: JetStreamContext, stream: str) -> AsyncIterator[Msg]:
             if messages[-1].metadata.num_pending == 0:
                 return
     finally:
-        await subscription.unsubscribe()
+        await reader.stop()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(stream, consumer.name)
 
 
-async def merged(js: JetStreamContext, streams: list[str]) -> AsyncIterator[Msg]:
+async def merged(nc: NatsClient, streams: list[str]) -> AsyncIterator[Msg]:
     """All messages of `streams`, ordered by the time JetStream stored them."""
-    readers = [read_stream(js, name) for name in streams]
+    readers = [read_stream(nc, name) for name in streams]
     heap: list[tuple[datetime, str, int, int, Msg]] = []
 
     async def push(index: int) -> None:
@@ -182,24 +187,37 @@ async def _flush(
 
 
 async def replay_all(
-    js: JetStreamContext, router: Router, show: Callable[[int, int], None] | None
+    nc: NatsClient, router: Router, show: Callable[[int, int], None] | None
 ) -> list[ConsumerReport]:
+    js = nc.jetstream()
     total = sum([(await js.stream_info(name)).state.messages for name in router.streams])
     reports: dict[str, ConsumerReport] = {}
     current: EventConsumer[Any] | None = None
     pending: list[Delivery] = []
     done = 0
-    async for message in merged(js, router.streams):
+    # One run is applied while the next is read: the streams' round trips and parsing overlap
+    # the commit's wait for the disk. Runs are still applied one at a time, in stream order.
+    applying: asyncio.Task[None] | None = None
+
+    async def apply_in_turn(consumer: EventConsumer[Any] | None, run: list[Delivery]) -> None:
+        nonlocal applying
+        if applying is not None:
+            await applying
+        applying = asyncio.create_task(_flush(consumer, run, reports))
+
+    async for message in merged(nc, router.streams):
         done += 1
         consumer = router.consumer_for(message.metadata.stream, message.subject)
         if consumer is not current or len(pending) >= REPLAY_APPLY_BATCH:
-            await _flush(current, pending, reports)
+            await apply_in_turn(current, pending)
             current, pending = consumer, []
         if consumer is not None:
             pending.append(Delivery.from_msg(message))
         if show and done % PROGRESS_EVERY_MESSAGES == 0:
             show(done, total)
-    await _flush(current, pending, reports)
+    await apply_in_turn(current, pending)
+    if applying is not None:
+        await applying
     if show:
         show(done, total)
     return list(reports.values())
@@ -223,7 +241,7 @@ async def replay(
     try:
         await _require_empty(sessions)
         router = Router(live_routes(), sessions)
-        reports = await replay_all(nc.jetstream(), router, progress_bar if progress else None)
+        reports = await replay_all(nc, router, progress_bar if progress else None)
         async with sessions() as session, session.begin():
             await session.execute(
                 update(OutboxMessage)
