@@ -38,10 +38,25 @@ class Wei(TypeDecorator[int]):
             raise TypeError(f"wei amounts are ints, got {type(value).__name__}")
         return value if dialect.name == "postgresql" else str(value)
 
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, the text straight away (bulk inserts call this for every amount)."""
+        if dialect.name == "postgresql":
+            return super().bind_processor(dialect)
+        return _wei_text
+
     def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
         if value is None:
             return None
         return int(value)
+
+
+def _wei_text(value: int | None) -> str | None:
+    """A wei amount as SQLite stores it: decimal text (see Wei); the same as process_bind_param."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"wei amounts are ints, got {type(value).__name__}")
+    return str(value)
 
 
 class UtcDateTime(TypeDecorator[datetime]):

@@ -119,7 +119,8 @@ async def load_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, Work
 def draft_new(dialect: Dialect, rows: Iterable[WorkloadRow]) -> PreparedInsert:
     """The INSERT of the new rows, built before the write lock; run in a transaction, the
     primary key rejects a workload that another copy has stored since."""
-    return prepare_insert(dialect, _TABLE, [row.values() for row in rows if row.is_new])
+    # The rows' own attribute dicts: the INSERT picks its columns from them, nothing is copied.
+    return prepare_insert(dialect, _TABLE, [vars(row) for row in rows if row.is_new], _COLUMNS)
 
 
 async def save_rows(session: AsyncSession, rows: Iterable[WorkloadRow]) -> None:
