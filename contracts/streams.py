@@ -122,6 +122,8 @@ LEDGER_WORKLOADS_CONSUMER = ConsumerSpec(
     filter_subjects=(f"{subjects.WORKLOADS}.>",),
     description="Ledger worker: credits workloads and applies adjustments.",
     batch_size=1024,
+    # Each copy holds a batch in hand and one prefetched: room for four copies.
+    max_ack_pending=8192,
 )
 
 JOBS_PROJECTION_CONSUMER = ConsumerSpec(
