@@ -18,9 +18,35 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
-from shared.db.models import Session
 from shared.money import rate_credit_wei
+
+
+class Session(Protocol):
+    """What billing reads and writes of a session: a sessions row (the ORM model, or the
+    worker's plain `SessionRow`)."""
+
+    session_id: str
+    orchestrator_id: str | None
+    edge_id: str | None
+    run: int
+    started_at: datetime | None
+    last_seen_at: datetime | None
+    ended_at: datetime | None
+    end_trigger: str | None
+    last_billed_at: datetime | None
+    billed_ms: int
+    billed_wei: int
+    last_credited_wei: int
+    metered_ms: int
+    segment_index: int
+    heartbeat_count: int
+    segments: list[dict[str, Any]] | None
+    last_credit_proof: str | None
+    credit_eth_per_minute: str
+    segment_seconds: int
+    idle_timeout_seconds: float
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,10 @@ Guarantee
   from tick events, never the wall clock, and the billing terms travel in the events, so a
   replay bills the same. Billing rules: shared.session_billing.
 
+Rows
+  Sessions and leases are plain rows (shared.db.repositories.sessions), one per key in a
+  batch, saved before a query that must see them and at the end: no ORM objects on this path.
+
 Limits
   A message that keeps failing holds its partition (order first) until it is dead-lettered
   after MAX_ATTEMPTS deliveries; a crashed copy's message holds it for PARTITION_ACK_WAIT_S.
@@ -46,9 +50,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from contracts import subjects
 from contracts.events import ActivityLeaseCommandV1, SessionEventV1, SessionTickV1
 from contracts.streams import SESSION_PARTITION_CONSUMERS, SESSIONS, ConsumerSpec
-from shared.db.models import ActivityLease, Session
 from shared.db.repositories import ledger, registry, sessions
 from shared.db.repositories.ledger import NewEntry
+from shared.db.repositories.sessions import LeaseRow, SessionRow
 from shared.event_consumer import Decoded, EventConsumer, Outcome
 from shared.publishing import publish_event
 from shared.session_billing import ClosedSegment, apply_event, apply_tick, end_run, iso_z, open_run
@@ -69,23 +73,38 @@ def session_lease_id(session_id: str) -> str:
 
 
 class Batch:
-    """What one transaction touches: loaded rows, new entries and registry contacts."""
+    """What one transaction touches: one row per session and lease (loaded once, changed in
+    place, saved together), new entries and registry contacts."""
 
     def __init__(self, db: AsyncSession) -> None:
         self.db = db
-        self.sessions: dict[str, Session] = {}
-        self.leases: dict[str, ActivityLease] = {}
+        self.sessions: dict[str, SessionRow] = {}
+        self.leases: dict[str, LeaseRow] = {}
         self.contacts: dict[str, registry.Contact] = {}
         self.attributions: dict[str, str | None] = {}
         self.entries: list[NewEntry] = []
 
+    async def save(self) -> None:
+        """Write the new and changed rows. Called before a query that must see them (as the
+        ORM's autoflush did, so a replay's long batches read what their earlier events wrote)
+        and at the end of the batch."""
+        await sessions.save_session_rows(self.db, self.sessions.values())
+        await sessions.save_lease_rows(self.db, self.leases.values())
+
+    async def lease(self, lease_id: str) -> LeaseRow | None:
+        """The batch's row of `lease_id`, loaded when the batch does not hold it yet."""
+        if lease_id not in self.leases:
+            self.leases.update(await sessions.lease_rows(self.db, [lease_id]))
+        return self.leases.get(lease_id)
+
     async def attribute(self, address: str) -> str | None:
         if address not in self.attributions:
+            await self.save()  # attribution falls back to earlier sessions from the address
             self.attributions[address] = await sessions.attribute(self.db, address)
         return self.attributions[address]
 
     def credit(
-        self, item: Decoded[Any], closed: list[ClosedSegment], session: Session, event: str
+        self, item: Decoded[Any], closed: list[ClosedSegment], session: SessionRow, event: str
     ) -> None:
         for segment in closed:
             if segment.credit_wei <= 0 or segment.orchestrator_id is None:
@@ -131,12 +150,12 @@ class SessionsProjector:
     ) -> list[Outcome]:
         batch = Batch(db)
         session_ids = [i.event.session_id for i in items if isinstance(i.event, SessionEventV1)]
-        batch.sessions = await sessions.get_sessions(db, session_ids)
+        batch.sessions = await sessions.session_rows(db, session_ids)
         lease_ids = [session_lease_id(s) for s in session_ids]
         lease_ids += [
             i.event.lease_id for i in items if isinstance(i.event, ActivityLeaseCommandV1)
         ]
-        batch.leases = await sessions.get_leases(db, lease_ids)
+        batch.leases = await sessions.lease_rows(db, lease_ids)
         outcomes = []
         for item in items:
             event = item.event
@@ -146,6 +165,7 @@ class SessionsProjector:
                 outcomes.append(await self._tick(batch, item, event))
             else:
                 outcomes.append(await self._lease_command(batch, event))
+        await batch.save()
         await registry.record_contacts(db, batch.contacts)
         await ledger.post_entries(db, batch.entries)
         return outcomes
@@ -157,7 +177,7 @@ class SessionsProjector:
         session = batch.sessions.get(event.session_id)
         created = session is None
         if session is None:
-            session = Session(
+            session = SessionRow(
                 session_id=event.session_id,
                 partition=subjects.session_partition(event.session_id),
                 upstream_addr=event.upstream_addr,
@@ -165,12 +185,13 @@ class SessionsProjector:
                 last_event=event.event,
                 updated_at=at,
                 orchestrator_id=await batch.attribute(event.upstream_addr),
+                is_new=True,
             )
             open_run(session, at)
-            batch.db.add(session)
             batch.sessions[event.session_id] = session
         elif session.orchestrator_id is None:
             session.orchestrator_id = await batch.attribute(event.upstream_addr)
+        session.changed = True
         session.credit_eth_per_minute = event.credit_eth_per_minute
         session.segment_seconds = event.segment_seconds
         session.idle_timeout_seconds = event.idle_timeout_seconds
@@ -189,7 +210,7 @@ class SessionsProjector:
             {"closed_segments": len(closed), "orchestrator_id": session.orchestrator_id}
         )
 
-    def _touch_lease(self, batch: Batch, session: Session, event: SessionEventV1) -> None:
+    def _touch_lease(self, batch: Batch, session: SessionRow, event: SessionEventV1) -> None:
         if session.orchestrator_id is None:
             return
         lease_id = session_lease_id(session.session_id)
@@ -200,9 +221,10 @@ class SessionsProjector:
         if session.ended_at is not None:
             if lease is not None and lease.revoked_at is None:
                 lease.revoked_at = session.ended_at
+                lease.changed = True
             return
         if lease is None:
-            lease = ActivityLease(
+            lease = LeaseRow(
                 lease_id=lease_id,
                 partition=session.partition,
                 orchestrator_id=session.orchestrator_id,
@@ -211,10 +233,11 @@ class SessionsProjector:
                 issued_at=at,
                 last_seen_at=at,
                 expires_at=at,
+                is_new=True,
             )
-            batch.db.add(lease)
             batch.leases[lease_id] = lease
-        elif lease.revoked_at is not None or lease.expired_at is not None:
+        lease.changed = True
+        if lease.revoked_at is not None or lease.expired_at is not None:
             lease.issued_at, lease.revoked_at, lease.expired_at = at, None, None
         lease.upstream_addr = session.upstream_addr
         lease.lease_metadata = {
@@ -227,7 +250,7 @@ class SessionsProjector:
         lease.last_seen_at = at
         lease.expires_at = at + timedelta(seconds=event.lease_seconds)
 
-    def _record_contact(self, batch: Batch, session: Session, event: SessionEventV1) -> None:
+    def _record_contact(self, batch: Batch, session: SessionRow, event: SessionEventV1) -> None:
         if session.orchestrator_id is None:
             return
         at = event.received_at
@@ -241,19 +264,28 @@ class SessionsProjector:
     async def _tick(
         self, batch: Batch, item: Decoded[SessionsEvent], tick: SessionTickV1
     ) -> Outcome:
+        await batch.save()  # the partition's live sessions and due leases, as stored now
         closed_sessions = 0
-        for session in await sessions.live_sessions_in_partition(batch.db, tick.partition):
+        for loaded in await sessions.live_session_rows(batch.db, tick.partition):
+            # The batch's own row when it holds one: one row per session in a batch.
+            session = batch.sessions.setdefault(loaded.session_id, loaded)
+            if session.ended_at is not None:
+                continue
             closed = apply_tick(session, tick.at)
             if session.ended_at is None:
                 continue
+            session.changed = True
             closed_sessions += 1
             batch.credit(item, closed, session, "tick")
-            lease = (
-                await sessions.get_leases(batch.db, [session_lease_id(session.session_id)])
-            ).get(session_lease_id(session.session_id))
+            lease = await batch.lease(session_lease_id(session.session_id))
             if lease is not None and lease.revoked_at is None:
                 lease.revoked_at = session.ended_at
+                lease.changed = True
         expired = await sessions.expire_leases(batch.db, tick.partition, tick.at)
+        # The batch's lease rows say what the statement stored, so a later save keeps it.
+        for lease in batch.leases.values():
+            if lease.partition == tick.partition and sessions.lease_expires_by(lease, tick.at):
+                lease.expired_at = tick.at
         return Outcome.done({"closed_sessions": closed_sessions, "expired_leases": expired})
 
     async def _lease_command(self, batch: Batch, command: ActivityLeaseCommandV1) -> Outcome:
@@ -268,6 +300,7 @@ class SessionsProjector:
         if command.action == "revoke":
             if lease.revoked_at is None:
                 lease.revoked_at = at
+                lease.changed = True
             return Outcome.done({"status": 200})
         if (
             lease.revoked_at is not None
@@ -276,6 +309,7 @@ class SessionsProjector:
         ):
             return Outcome.done({"status": 404})
         seconds = command.lease_seconds or lease.lease_seconds
+        lease.changed = True
         lease.lease_seconds = seconds
         lease.last_seen_at = at
         lease.last_seen_ip = command.request_ip
@@ -283,7 +317,7 @@ class SessionsProjector:
         return Outcome.done({"status": 200})
 
     async def _issue_lease(
-        self, batch: Batch, command: ActivityLeaseCommandV1, lease: ActivityLease | None
+        self, batch: Batch, command: ActivityLeaseCommandV1, lease: LeaseRow | None
     ) -> Outcome:
         at = command.received_at
         if (
@@ -293,7 +327,7 @@ class SessionsProjector:
             return Outcome.retry("unknown orchestrator")
         assert command.orchestrator_id is not None and command.lease_seconds is not None
         if lease is None:
-            lease = ActivityLease(
+            lease = LeaseRow(
                 lease_id=command.lease_id,
                 partition=subjects.session_partition(command.lease_id),
                 orchestrator_id=command.orchestrator_id,
@@ -302,11 +336,12 @@ class SessionsProjector:
                 issued_at=at,
                 last_seen_at=at,
                 expires_at=at,
+                is_new=True,
             )
-            batch.db.add(lease)
             batch.leases[command.lease_id] = lease
         elif lease.orchestrator_id != command.orchestrator_id:
             return Outcome.done({"status": 409})
+        lease.changed = True
         lease.upstream_addr = command.upstream_addr
         lease.lease_metadata = command.metadata
         lease.last_seen_at = at

@@ -127,6 +127,12 @@ class Feed:
 
 @pytest.fixture
 async def feed(tmp_path: Path) -> AsyncIterator[Feed]:
+    async for made in feed_in(tmp_path):
+        yield made
+
+
+async def feed_in(tmp_path: Path) -> AsyncIterator[Feed]:
+    """A migrated SQLite file in `tmp_path` with two orchestrators registered, and its Feed."""
     database = await create_database("sqlite", tmp_path)
     engine = make_engine(database.url)
     sessions = make_sessionmaker(engine)
@@ -293,3 +299,70 @@ async def test_a_session_lease_that_expired_comes_back_with_the_next_event(feed:
     assert lease.revoked_at == at(50)
     [entry] = await feed.entries()
     assert entry.amount_wei == 50_000 * WEI_PER_MS
+
+
+def session_state(row: Session) -> dict[str, Any]:
+    return {
+        name: getattr(row, name)
+        for name in (
+            "run",
+            "started_at",
+            "last_seen_at",
+            "ended_at",
+            "end_trigger",
+            "last_event",
+            "billed_ms",
+            "billed_wei",
+            "segment_index",
+            "heartbeat_count",
+            "segments",
+        )
+    }
+
+
+async def test_one_long_batch_applies_as_its_events_one_at_a_time(tmp_path: Path) -> None:
+    """Replay hands the projector long runs of one partition: a session's start, heartbeats,
+    its partition's tick that finds it idle, a lease heartbeat, a new run and a tick that
+    expires the lease. Applied as one batch or one event at a time, the outcome is the same."""
+    results: list[tuple[Any, ...]] = []
+    issued: list[datetime | None] = []
+    for one_batch in (False, True):
+        workdir = tmp_path / ("batch" if one_batch else "single")
+        workdir.mkdir()
+        async for feed in feed_in(workdir):
+            sid = "sess-long-batch"
+            partition = subjects.session_partition(sid)
+            lease_id = f"session:{sid}"
+            run = [
+                feed.session_event(sid, "start", at(0), idle_s=60, lease_s=30),
+                feed.session_event(sid, "heartbeat", at(20), idle_s=60, lease_s=30),
+                feed.tick(partition, at(200)),  # idle since 20 s: the run ends there
+                feed.session_event(sid, "heartbeat", at(300), idle_s=60, lease_s=30),
+                feed.session_event(sid, "heartbeat", at(310), idle_s=60, lease_s=30),
+                feed.tick(partition, at(345)),  # lease due at 340: expired
+                feed.session_event(sid, "heartbeat", at(350), idle_s=60, lease_s=30),
+            ]
+            if one_batch:
+                details = await feed.apply(*run)
+            else:
+                details = [detail for delivery in run for detail in await feed.apply(delivery)]
+            lease = await feed.lease_row(lease_id)
+            issued.append(lease.issued_at)
+            entries = sorted(
+                (e.entry_key, e.amount_wei, e.entry_metadata["trigger"])  # type: ignore[index]
+                for e in await feed.entries()
+            )
+            results.append(
+                (
+                    details,
+                    session_state(await feed.session_row(sid)),
+                    (lease.expires_at, lease.expired_at, lease.revoked_at),
+                    entries,
+                )
+            )
+    single, batch = results
+    assert batch == single
+    assert single[3] == [(f"session:{sid}:0:0", 20_000 * WEI_PER_MS, "idle")]
+    # The lease expired at the second tick; the next heartbeat issued it afresh.
+    assert single[2] == (at(380), None, None) and issued == [at(350), at(350)]
+    assert single[1]["run"] == 1 and single[1]["ended_at"] is None

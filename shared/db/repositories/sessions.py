@@ -2,18 +2,162 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlmodel import col
 
+from shared.db.engine import insert_rows
 from shared.db.models import ActivityLease, Orchestrator, Session
 
 IN_CHUNK = 500
+
+_SESSIONS: Table = Session.__table__  # type: ignore[attr-defined]
+_LEASES: Table = ActivityLease.__table__  # type: ignore[attr-defined]
+
+
+# -- the sessions worker's rows ---------------------------------------------------------------
+#
+# Sessions and leases as plain data, read and written with Core statements: the worker's hot
+# path used ORM objects, and loading, tracking and flushing them cost more than the rest of a
+# batch together (bench/README.md, session 6). The worker keeps one row per key for its batch
+# and saves what changed (`save_session_rows`, `save_lease_rows`) before any query that must
+# see it and at the end, as the ORM's autoflush did.
+
+
+@dataclass(slots=True)
+class SessionRow:
+    """A sessions row (shared.db.models.Session's columns) as plain data."""
+
+    session_id: str
+    partition: int
+    upstream_addr: str
+    upstream_port: int
+    last_event: str
+    orchestrator_id: str | None = None
+    edge_id: str | None = None
+    run: int = 0
+    started_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    ended_at: datetime | None = None
+    end_trigger: str | None = None
+    updated_at: datetime | None = None
+    last_billed_at: datetime | None = None
+    billed_ms: int = 0
+    billed_wei: int = 0
+    last_credited_wei: int = 0
+    metered_ms: int = 0
+    segment_index: int = 0
+    heartbeat_count: int = 0
+    segments: list[dict[str, Any]] | None = None
+    last_credit_proof: str | None = None
+    credit_eth_per_minute: str = "0"
+    segment_seconds: int = 2400
+    idle_timeout_seconds: float = 120.0
+    is_new: bool = field(default=False, compare=False)
+    changed: bool = field(default=False, compare=False)
+
+
+@dataclass(slots=True)
+class LeaseRow:
+    """An activity_leases row (shared.db.models.ActivityLease) as plain data."""
+
+    lease_id: str
+    partition: int
+    orchestrator_id: str
+    kind: str
+    lease_seconds: int
+    issued_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+    upstream_addr: str | None = None
+    lease_metadata: dict[str, Any] | None = None
+    last_seen_ip: str | None = None
+    revoked_at: datetime | None = None
+    expired_at: datetime | None = None
+    is_new: bool = field(default=False, compare=False)
+    changed: bool = field(default=False, compare=False)
+
+
+_BOOKKEEPING = ("is_new", "changed")
+_SESSION_FIELDS = tuple(f.name for f in fields(SessionRow) if f.name not in _BOOKKEEPING)
+_LEASE_FIELDS = tuple(f.name for f in fields(LeaseRow) if f.name not in _BOOKKEEPING)
+# The lease's JSON column is called `metadata` (a reserved name on the ORM model).
+_LEASE_COLUMN = {name: "metadata" if name == "lease_metadata" else name for name in _LEASE_FIELDS}
+
+
+def _session_values(row: SessionRow) -> dict[str, Any]:
+    return {name: getattr(row, name) for name in _SESSION_FIELDS}
+
+
+def _lease_values(row: LeaseRow) -> dict[str, Any]:
+    return {_LEASE_COLUMN[name]: getattr(row, name) for name in _LEASE_FIELDS}
+
+
+async def session_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, SessionRow]:
+    wanted = list(dict.fromkeys(ids))
+    found: dict[str, SessionRow] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        query = select(*_SESSIONS.columns).where(
+            _SESSIONS.c.session_id.in_(wanted[start : start + IN_CHUNK])
+        )
+        for row in (await session.execute(query)).mappings():
+            found[row["session_id"]] = SessionRow(**row)
+    return found
+
+
+async def live_session_rows(session: AsyncSession, partition: int) -> list[SessionRow]:
+    query = select(*_SESSIONS.columns).where(
+        _SESSIONS.c.partition == partition, _SESSIONS.c.ended_at.is_(None)
+    )
+    return [SessionRow(**row) for row in (await session.execute(query)).mappings()]
+
+
+async def lease_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, LeaseRow]:
+    wanted = list(dict.fromkeys(ids))
+    found: dict[str, LeaseRow] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        query = select(*_LEASES.columns).where(
+            _LEASES.c.lease_id.in_(wanted[start : start + IN_CHUNK])
+        )
+        for row in (await session.execute(query)).mappings():
+            values = {name: row[column] for name, column in _LEASE_COLUMN.items()}
+            found[row["lease_id"]] = LeaseRow(**values)
+    return found
+
+
+async def save_session_rows(session: AsyncSession, rows: Iterable[SessionRow]) -> None:
+    """Insert the new rows and update the changed ones (one statement each); they are then
+    stored, and marked so."""
+    await _save(session, _SESSIONS, "session_id", list(rows), _session_values)
+
+
+async def save_lease_rows(session: AsyncSession, rows: Iterable[LeaseRow]) -> None:
+    await _save(session, _LEASES, "lease_id", list(rows), _lease_values)
+
+
+async def _save(
+    session: AsyncSession, table: Table, key: str, rows: Sequence[Any], values: Any
+) -> None:
+    new = [values(row) for row in rows if row.is_new]
+    changed = [values(row) for row in rows if row.changed and not row.is_new]
+    if new:
+        await insert_rows(session, table, new)
+    if changed:
+        columns = [name for name in changed[0] if name != key]
+        await session.execute(
+            update(table)
+            .where(table.c[key] == bindparam(f"key_{key}"))
+            .values({name: bindparam(name) for name in columns}),
+            [{f"key_{key}": row[key], **{name: row[name] for name in columns}} for row in changed],
+        )
+    for row in rows:
+        row.is_new = row.changed = False
 
 
 async def get_sessions(session: AsyncSession, ids: Iterable[str]) -> dict[str, Session]:
@@ -38,6 +182,16 @@ async def get_leases(session: AsyncSession, ids: Iterable[str]) -> dict[str, Act
         return {}
     query = select(ActivityLease).where(col(ActivityLease.lease_id).in_(wanted))
     return {row.lease_id: row for row in (await session.execute(query)).scalars()}
+
+
+def lease_expires_by(lease: LeaseRow, at: datetime) -> bool:
+    """What `expire_leases` expires: a lease neither revoked nor expired, due by `at`."""
+    return (
+        lease.revoked_at is None
+        and lease.expired_at is None
+        and lease.expires_at is not None
+        and lease.expires_at <= at
+    )
 
 
 async def expire_leases(session: AsyncSession, partition: int, at: datetime) -> int:
