@@ -91,6 +91,33 @@ _LEASE_FIELDS = tuple(f.name for f in fields(LeaseRow) if f.name not in _BOOKKEE
 _LEASE_COLUMN = {name: "metadata" if name == "lease_metadata" else name for name in _LEASE_FIELDS}
 
 
+# Built once: constructing these statements (and their cache keys) every batch was a large part
+# of a small batch's time.
+_SESSIONS_BY_ID = select(*_SESSIONS.columns).where(
+    _SESSIONS.c.session_id.in_(bindparam("ids", expanding=True))
+)
+_LIVE_SESSIONS = select(*_SESSIONS.columns).where(
+    _SESSIONS.c.partition == bindparam("partition"), _SESSIONS.c.ended_at.is_(None)
+)
+_LEASES_BY_ID = select(*_LEASES.columns).where(
+    _LEASES.c.lease_id.in_(bindparam("ids", expanding=True))
+)
+_UPDATES: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+
+def _update_by_key(table: Table, key: str, columns: tuple[str, ...]) -> Any:
+    """`UPDATE table SET columns WHERE key = :key_<key>`, built once per shape."""
+    statement = _UPDATES.get((table.name, columns))
+    if statement is None:
+        statement = (
+            update(table)
+            .where(table.c[key] == bindparam(f"key_{key}"))
+            .values({name: bindparam(name) for name in columns})
+        )
+        _UPDATES[(table.name, columns)] = statement
+    return statement
+
+
 def _session_values(row: SessionRow) -> dict[str, Any]:
     return {name: getattr(row, name) for name in _SESSION_FIELDS}
 
@@ -103,29 +130,23 @@ async def session_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, S
     wanted = list(dict.fromkeys(ids))
     found: dict[str, SessionRow] = {}
     for start in range(0, len(wanted), IN_CHUNK):
-        query = select(*_SESSIONS.columns).where(
-            _SESSIONS.c.session_id.in_(wanted[start : start + IN_CHUNK])
-        )
-        for row in (await session.execute(query)).mappings():
+        ids = {"ids": wanted[start : start + IN_CHUNK]}
+        for row in (await session.execute(_SESSIONS_BY_ID, ids)).mappings():
             found[row["session_id"]] = SessionRow(**row)
     return found
 
 
 async def live_session_rows(session: AsyncSession, partition: int) -> list[SessionRow]:
-    query = select(*_SESSIONS.columns).where(
-        _SESSIONS.c.partition == partition, _SESSIONS.c.ended_at.is_(None)
-    )
-    return [SessionRow(**row) for row in (await session.execute(query)).mappings()]
+    rows = await session.execute(_LIVE_SESSIONS, {"partition": partition})
+    return [SessionRow(**row) for row in rows.mappings()]
 
 
 async def lease_rows(session: AsyncSession, ids: Iterable[str]) -> dict[str, LeaseRow]:
     wanted = list(dict.fromkeys(ids))
     found: dict[str, LeaseRow] = {}
     for start in range(0, len(wanted), IN_CHUNK):
-        query = select(*_LEASES.columns).where(
-            _LEASES.c.lease_id.in_(wanted[start : start + IN_CHUNK])
-        )
-        for row in (await session.execute(query)).mappings():
+        ids = {"ids": wanted[start : start + IN_CHUNK]}
+        for row in (await session.execute(_LEASES_BY_ID, ids)).mappings():
             values = {name: row[column] for name, column in _LEASE_COLUMN.items()}
             found[row["lease_id"]] = LeaseRow(**values)
     return found
@@ -149,11 +170,9 @@ async def _save(
     if new:
         await insert_rows(session, table, new)
     if changed:
-        columns = [name for name in changed[0] if name != key]
+        columns = tuple(name for name in changed[0] if name != key)
         await session.execute(
-            update(table)
-            .where(table.c[key] == bindparam(f"key_{key}"))
-            .values({name: bindparam(name) for name in columns}),
+            _update_by_key(table, key, columns),
             [{f"key_{key}": row[key], **{name: row[name] for name in columns}} for row in changed],
         )
     for row in rows:
