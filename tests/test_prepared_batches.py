@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlmodel import col
 
 from contracts import subjects
 from contracts.events import WorkloadTimeRecordedV1
 from contracts.streams import LEDGER_WORKLOADS_CONSUMER, WORKLOADS
 from shared.db.engine import make_engine, make_sessionmaker
 from shared.db.models import Balance, LedgerEntry, Orchestrator, ProcessedEvent, Workload
-from shared.event_consumer import Decoded, Delivery, EventConsumer, PreparedBatch
+from shared.event_consumer import Decoded, Delivery, EventConsumer, Plan, PreparedBatch
 from shared.money import rate_credit_wei
 from shared.publishing import event_headers
 from tests.harness import Database
@@ -101,7 +102,7 @@ async def ledger_state(sessions: async_sessionmaker[AsyncSession]) -> dict[str, 
             return int((await session.execute(query)).scalar_one())
 
         balance = await session.execute(
-            select(Balance.balance_wei).where(Balance.orchestrator_id == ORCHESTRATOR)
+            select(col(Balance.balance_wei)).where(col(Balance.orchestrator_id) == ORCHESTRATOR)
         )
         return {
             "entries": await count(LedgerEntry),
@@ -115,8 +116,10 @@ async def race(
     sessions: tuple[async_sessionmaker[AsyncSession], async_sessionmaker[AsyncSession]],
     ours: Delivery,
     theirs: Delivery,
-) -> tuple[EventConsumer[Any], Interleaved]:
-    """Our copy prepares `ours`; the other copy commits `theirs` before our write."""
+    caplog: pytest.LogCaptureFixture,
+) -> Plan[Any]:
+    """Our copy prepares `ours`; the other copy commits `theirs` before our write, which then
+    falls back to the locked path (checked: the race did happen)."""
     writer, reader = sessions
     other: EventConsumer[Any] = EventConsumer(
         consumer=CONSUMER, schemas=SCHEMAS, projector=LedgerProjector(), sessionmaker=writer
@@ -129,7 +132,11 @@ async def race(
         sessionmaker=writer,
         reader=reader,
     )
-    return ours_consumer, projector
+    with caplog.at_level(logging.INFO, logger="shared.event_consumer"):
+        plan = await ours_consumer.apply_final([ours])
+    assert projector.prepared == 1
+    assert "batch changed since it was prepared" in caplog.text
+    return plan
 
 
 CREDIT_WEI = rate_credit_wei(DURATION_MS, RATE)
@@ -140,11 +147,7 @@ async def test_the_same_message_committed_by_another_copy_meanwhile_is_a_duplica
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     message = delivery(1, "w-race", "workload_time:w-race")
-    consumer, projector = await race(sessions, message, message)
-    with caplog.at_level(logging.INFO, logger="shared.event_consumer"):
-        plan = await consumer.apply_final([message])
-    assert projector.prepared == 1
-    assert "batch changed since it was prepared" in caplog.text
+    plan = await race(sessions, message, message, caplog)
     assert plan.duplicates == [message] and not plan.applied
     assert await ledger_state(sessions[0]) == {
         "entries": 1,
@@ -160,11 +163,7 @@ async def test_the_same_workload_under_another_key_meanwhile_is_credited_once(
 ) -> None:
     ours = delivery(2, "w-twice", "workload_time:w-twice:retry")
     theirs = delivery(1, "w-twice", "workload_time:w-twice")
-    consumer, projector = await race(sessions, ours, theirs)
-    with caplog.at_level(logging.INFO, logger="shared.event_consumer"):
-        plan = await consumer.apply_final([ours])
-    assert projector.prepared == 1
-    assert "batch changed since it was prepared" in caplog.text
+    plan = await race(sessions, ours, theirs, caplog)
     # Applied under the lock as what it now is: a repeat of a stored workload.
     assert [outcome.detail for _, outcome in plan.applied] == [
         {"duplicate": True, "conflict": False}
