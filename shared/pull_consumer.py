@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import logging
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -103,10 +105,12 @@ class PullConsumer:
         redelivers it now instead of after ack_wait. A subscription left open would also hold
         the connection's drain at shutdown until nats-py's drain timeout."""
         if self._subscription is not None:
-            await self._subscription.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # the connection is closing already
+                await self._subscription.unsubscribe()
             self._subscription = None
         for message in self.take(len(self._arrived)):
-            await message.nak()
+            with contextlib.suppress(nats.errors.Error):  # then ack_wait hands it back
+                await message.nak()
 
     @property
     def waiting(self) -> int:
@@ -156,7 +160,12 @@ class PullConsumer:
             try:
                 status, description = await asyncio.wait_for(request.ended, wait_s)
             except TimeoutError:
-                log.warning("pull request not answered", extra={**self._tags(), "wait_s": wait_s})
+                # Expected while the connection is down (the request never left, or the server
+                # restarted); worth a warning only when it is up.
+                level = logging.WARNING if self.nc.is_connected else logging.DEBUG
+                log.log(
+                    level, "pull request not answered", extra={**self._tags(), "wait_s": wait_s}
+                )
                 return ""
         finally:
             self._current = None
