@@ -54,7 +54,6 @@ from urllib.parse import urlsplit
 import aiohttp
 import nats.errors
 from nats.aio.msg import Msg
-from nats.js.client import JetStreamContext
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -93,6 +92,7 @@ from shared.event_consumer import Decoded, Delivery, EventConsumer, Outcome, dea
 from shared.host_services import HostPorts, HostServiceError, HostServices
 from shared.observability import handling
 from shared.publishing import publish_event
+from shared.pull_consumer import PullConsumer, PullError
 from shared.recording_jobs import JobCancelled, JobFailed, StepRunner, StepTools, utc_now
 from shared.s3 import Presigner
 from shared.settings import load_settings
@@ -357,9 +357,10 @@ class JobDriver:
         self.read.configure(bind=self._reader)
         self.http = aiohttp.ClientSession()
         await presigner.start()
-        subscription = await js.pull_subscribe_bind(self.spec.durable, self.spec.stream)
+        consumer = PullConsumer(runtime.nc, self.spec.stream, self.spec.durable)
+        await consumer.start()
         self._running = True
-        self._loop = asyncio.create_task(self._fetch_loop(subscription), name="jobs:driver")
+        self._loop = asyncio.create_task(self._fetch_loop(consumer), name="jobs:driver")
 
     async def stop(self) -> None:
         """Stop fetching and hand every job in hand back to the stream (nak) for another copy."""
@@ -377,7 +378,7 @@ class JobDriver:
         if self._reader is not None:
             await self._reader.dispose()
 
-    async def _fetch_loop(self, subscription: JetStreamContext.PullSubscription) -> None:
+    async def _fetch_loop(self, consumer: PullConsumer) -> None:
         while self._running:  # until stop()
             free = MAX_JOBS_IN_FLIGHT - len(self._driving)
             if free <= 0:
@@ -385,19 +386,17 @@ class JobDriver:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                messages = await subscription.fetch(
-                    min(free, self.spec.batch_size), timeout=DRIVER_FETCH_TIMEOUT_S
+                messages = await consumer.fetch(
+                    min(free, self.spec.batch_size), DRIVER_FETCH_TIMEOUT_S
                 )
-            except TimeoutError:
-                continue
-            except (nats.errors.Error, OSError) as error:
+            except (nats.errors.Error, OSError, PullError) as error:
                 log.warning("driver fetch failed", extra={"error": type(error).__name__})
                 await asyncio.sleep(DRIVER_FETCH_TIMEOUT_S)
                 continue
             for msg in messages:
                 self._take(msg)
         with contextlib.suppress(Exception):
-            await subscription.unsubscribe()
+            await consumer.stop()
 
     def _take(self, msg: Msg) -> None:
         delivered = Delivered(msg)
