@@ -39,6 +39,8 @@ from shared.status import LagPoller
 
 # Time a stopping worker gives its in-flight batch to commit and ack.
 GRACEFUL_DRAIN_S = 20.0
+# How long a starting worker waits for the server to confirm its subscriptions.
+STARTUP_FLUSH_TIMEOUT_S = 10
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +137,15 @@ class WorkerRuntime:
         for hook in self.startup_hooks:
             await hook()
         freeze_startup_objects()
-        log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
 
     async def _start_pulling(self) -> None:
+        """Runs once the broker has subscribed: only then is the worker ready to be sent work."""
         for loop in self.pull_loops:
             await loop.start(self.nc)
+        # A round trip to the server, so the broker's subscriptions (the request-reply commands)
+        # have reached it: a request sent after "worker started" finds a responder.
+        await self.broker.connection.flush(timeout=STARTUP_FLUSH_TIMEOUT_S)
+        log.info("worker started", extra={"consumers": [s.durable for s in self.consumer_specs]})
 
     async def _shutdown(self) -> None:
         await self.lag_poller.stop()

@@ -253,7 +253,9 @@ async def test_two_pollers_over_fifty_orchestrators_poll_each_once_per_round(
             for claim in claims:
                 per_orchestrator[claim.orchestrator_id].add(claim.round_number)
             # Every call was a claimed (orchestrator, round), and a claim is unique: no
-            # orchestrator was polled twice in a round, whichever copy polled it.
+            # orchestrator was polled twice in a round, whichever copy polled it. A copy claims a
+            # chunk before it polls it, so the round in flight when the pollers stopped may hold a
+            # claim whose call never went out: at most one per orchestrator.
             for oid, rounds in per_orchestrator.items():
-                assert fake.calls[oid] == len(rounds), oid
+                assert len(rounds) - 1 <= fake.calls[oid] <= len(rounds), (oid, fake.calls[oid])
             assert set(fake.calls) == {o["orchestrator_id"] for o in orchestrators}
