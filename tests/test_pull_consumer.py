@@ -24,6 +24,9 @@ SUBJECT = "workloads.time.pull-test"
 # far below the timeouts given to fetch, so a fetch that waits them out fails the test.
 PROMPT_S = 10.0
 LONG_TIMEOUT_S = 60.0
+# Acks are applied on the server asynchronously: how long a test waits to see them (5 s).
+ACK_FLOOR_POLLS = 250
+ACK_FLOOR_POLL_INTERVAL_S = 0.02
 
 
 async def publish(nc: NatsClient, count: int, start: int = 0) -> None:
@@ -96,7 +99,14 @@ async def test_acked_messages_move_the_consumers_ack_floor(
     for message in await consumer.fetch(3, 1.0):
         await message.ack()
     await ops_nc.flush()
+    # The server takes acks in off the connection and applies them to the consumer on its own
+    # goroutine, so a consumer_info right after the flush can predate them: wait, within a bound.
     info = await ops_nc.jetstream().consumer_info(WORKLOADS.name, DURABLE)
+    for _ in range(ACK_FLOOR_POLLS):
+        if info.ack_floor.stream_seq == 3:
+            break
+        await asyncio.sleep(ACK_FLOOR_POLL_INTERVAL_S)
+        info = await ops_nc.jetstream().consumer_info(WORKLOADS.name, DURABLE)
     assert info.ack_floor.stream_seq == 3
     assert info.num_ack_pending == 0
 
