@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from shared.db import json_text
 from shared.db.sqlite_writer import writer_connector
 
 # How long a SQLite writer waits for another process's write lock before failing.
@@ -66,10 +67,12 @@ def make_engine(url: str, *, writer: bool = True) -> AsyncEngine:
     if is_sqlite(url):
         # Writers run their transactions' statements on the loop's thread (see sqlite_writer).
         creator = {"async_creator": writer_connector(url)} if writer else {}
-        engine = create_async_engine(url, **creator)
+        engine = create_async_engine(url, json_serializer=json_text.dumps, **creator)
         _configure_sqlite(engine, writer)
         return engine
-    return create_async_engine(url, pool_size=POSTGRES_POOL_SIZE, pool_pre_ping=True)
+    return create_async_engine(
+        url, json_serializer=json_text.dumps, pool_size=POSTGRES_POOL_SIZE, pool_pre_ping=True
+    )
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
