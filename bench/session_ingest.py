@@ -24,6 +24,7 @@ import asyncio
 import json
 import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +36,12 @@ import aiohttp
 
 from bench.ceiling import measure_ceiling
 from bench.health_ingest import percentile, provision_streams
-from bench.procstat import rss_mb
+from bench.procstat import OTHER, CpuMeter, rss_mb
 from bench.wrk import installed as wrk_installed
 from bench.wrk import run_wrk
 from tests.harness import (
     ADMIN_TOKEN,
+    Process,
     create_database,
     stack_env,
     start_api,
@@ -55,6 +57,8 @@ BOOTSTRAP = json.dumps(
 SESSIONS_PER_CONNECTION = 4
 DRAIN_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 30.0
+MACHINE_CORES = 2
+TARGET_REQUESTS_PER_S = 3_000
 
 
 def applied(db_path: Path, consumer: str = "sessions") -> int:
@@ -145,7 +149,7 @@ async def drive_aiohttp(base: str, connections: int, seconds: float) -> dict[str
 
 async def run(
     connections: int, seconds: float, client: str, apis: int, with_worker: bool
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, float]]:
     root = Path(tempfile.mkdtemp(prefix="bench-sessions-"))
     nats = start_nats(root / "nats")
     try:
@@ -166,12 +170,18 @@ async def run(
         port = int(base.rsplit(":", 1)[1])
         processes += [start_api(env, root, port=port)[0] for _ in range(apis - 1)]
         await wait_for_orchestrator_at(base)
+        meter = CpuMeter(stack_pids(nats.process, api, processes, with_worker))
         started = time.perf_counter()
+        meter.start()
         if client == "wrk":
             figures = await asyncio.to_thread(drive_wrk, base, connections, seconds, root)
         else:
             figures = await drive_aiohttp(base, connections, seconds)
+        used = meter.stop()
         figures["requests_per_s"] = figures["requests"] / figures["elapsed_s"]
+        # CPU each process spent per request during the load window (the drain after it
+        # is the worker catching up, not serving requests).
+        cpu_us = {name: 1e6 * s / max(figures["requests"], 1) for name, s in used.items()}
         while with_worker and applied(root / "payments.db") < figures["accepted"]:
             if time.perf_counter() - started > DRAIN_TIMEOUT_S:
                 break
@@ -182,10 +192,36 @@ async def run(
         api.terminate()
         for process in processes:
             process.terminate()
-        return figures
+        return figures, cpu_us
     finally:
         nats.stop()
         shutil.rmtree(root, ignore_errors=True)  # the store, database and logs of this run
+
+
+def stack_pids(
+    nats: subprocess.Popen[bytes] | None, api: Process, others: list[Process], with_worker: bool
+) -> dict[str, int]:
+    """The processes whose CPU the run reports, by name: registry, sessions, api, api-2, ..."""
+    names = ["registry", *(["sessions"] if with_worker else [])]
+    names += [f"api-{n}" for n in range(2, len(others) - len(names) + 2)]
+    pids = {"api": api.process.pid} if api.process else {}
+    pids |= {name: p.process.pid for name, p in zip(names, others, strict=True) if p.process}
+    if nats is not None:
+        pids["nats-server"] = nats.pid
+    return pids
+
+
+def print_cpu(cpu_us: dict[str, float]) -> None:
+    """CPU per request by process, and what the target leaves: 2 cores at 3,000/s give 667 us."""
+    total = sum(cpu_us.values())
+    budget = 1e6 * MACHINE_CORES / TARGET_REQUESTS_PER_S
+    print(
+        "  cpu/req   "
+        + ", ".join(f"{name} {us:.0f} us" for name, us in cpu_us.items() if name != OTHER)
+        + f"; the rest of the machine (wrk included) {cpu_us.get(OTHER, 0.0):.0f} us"
+    )
+    cores = f"{MACHINE_CORES} cores at the target give {budget:.0f} us"
+    print(f"{'':12}all {total:.0f} us a request; {cores}")
 
 
 async def wait_for_orchestrator_at(base: str) -> None:
@@ -221,7 +257,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     ceiling = measure_ceiling(seconds=args.ceiling_seconds)
-    r = asyncio.run(
+    r, cpu_us = asyncio.run(
         run(args.connections, args.seconds, args.client, args.apis, not args.without_worker)
     )
     raw_publish = float(ceiling["publish_per_s"])
@@ -235,6 +271,7 @@ def main() -> int:
     if not args.without_worker:
         print(f"  applied   {r['applied_per_s']:,.0f} events/s end to end")
     print(f"  ceiling   raw publish {raw_publish:,.0f} msg/s; HTTP/raw {ratio:.2f}x")
+    print_cpu(cpu_us)
     print(f"  api RSS   {r['api_rss_mb']:.0f} MB")
     return 0
 
