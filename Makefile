@@ -48,14 +48,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check api workers contracts shared tests bench scripts
 
 typecheck: $(STAMP)
-	$(BIN)/mypy api workers contracts shared
+	$(BIN)/mypy api workers contracts shared bench
 
 # The session-ingest benchmark drives the api with wrk (a C load generator) when it is installed;
 # on Debian as root it is installed here, elsewhere the benchmark falls back to its aiohttp client.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && apt-get install -y -qq wrk >/dev/null; } || echo "wrk not installed: session ingest uses the aiohttp client; workload ingest needs wrk"
 	$(BIN)/python bench/run_all.py
-	$(BIN)/python bench/ledger.py
+	$(BIN)/python bench/ledger.py --events 60000 --workers 2
 	$(BIN)/python bench/session_ingest.py
 	$(BIN)/python bench/workload_ingest.py
 	$(BIN)/python bench/replay.py

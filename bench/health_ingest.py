@@ -198,7 +198,9 @@ async def provision_streams(server: Any) -> None:
         await nc.close()
 
 
-def start_py_spy(out_dir: Path, pids: dict[str, int], seconds: float) -> list[subprocess.Popen]:
+def start_py_spy(
+    out_dir: Path, pids: dict[str, int], seconds: float
+) -> list[subprocess.Popen[bytes]]:
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("--py-spy needs py-spy: .venv/bin/pip install py-spy (measurement only)")
@@ -206,7 +208,10 @@ def start_py_spy(out_dir: Path, pids: dict[str, int], seconds: float) -> list[su
     recorders = []
     # A CPU flame graph, and raw stacks of every thread including idle ones (wall-clock view:
     # where a request waits, not only where the CPU goes).
-    variants = (("flamegraph", "svg", []), ("raw", "idle.txt", ["--idle", "--threads"]))
+    variants: tuple[tuple[str, str, list[str]], ...] = (
+        ("flamegraph", "svg", []),
+        ("raw", "idle.txt", ["--idle", "--threads"]),
+    )
     for name, pid in pids.items():
         for fmt, suffix, extra in variants:
             recorders.append(
