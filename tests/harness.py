@@ -5,6 +5,7 @@ the api and workers as separate processes (so they can be killed), and polling h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -186,24 +187,67 @@ def start_worker(
 def start_api(
     env: dict[str, str], log_dir: Path, port: int | None = None, **extra: str
 ) -> tuple[Process, str]:
+    """Start an api process on `port` (a free one by default) and wait until it serves.
+
+    Several api processes may share a port (PAYMENTS_API_REUSE_PORT): then the first one
+    answers /healthz before a later one listens, so readiness is also this process's own
+    listening socket. Each process logs to its own file.
+    """
     port = port or free_port()
     api = Process(
         name="api",
         argv=[sys.executable, "-m", "api.app"],
         env={**env, "PAYMENTS_API_PORT": str(port), "PAYMENTS_API_HOST": "127.0.0.1"},
-        log_path=log_dir / f"api-{port}.log",
+        log_path=unused_path(log_dir / f"api-{port}.log"),
     ).start(**extra)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + PROCESS_READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=1):
-                return api, base
-        except OSError:
-            if not api.running():
-                raise AssertionError(f"api exited early:\n{api.log_text()[-3000:]}") from None
-            time.sleep(0.05)
+        if not api.running():
+            raise AssertionError(f"api exited early:\n{api.log_text()[-3000:]}")
+        if api.process is not None and listening_on(api.process.pid, port):
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=1):
+                    return api, base
+            except OSError:
+                pass
+        time.sleep(0.05)
     raise AssertionError("api did not start")
+
+
+def unused_path(path: Path) -> Path:
+    """`path`, or `name-2.ext`, `name-3.ext`, ... when it exists already."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+# /proc/net/tcp's state code for a listening socket.
+TCP_LISTEN = "0A"
+
+
+def listening_on(pid: int, port: int) -> bool:
+    """Whether process `pid` holds a listening TCP socket on `port` (read from /proc)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    inodes = set()
+    for fd in fds:
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == TCP_LISTEN and fields[9] in inodes:
+                    return True
+    return False
 
 
 def headers(admin: bool = True, **extra: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.api.conftest import PUBLIC_IP
 from tests.e2e import Stack
-from tests.harness import Process, free_port, start_api
+from tests.harness import Process, free_port, listening_on, start_api
 
 pytestmark = pytest.mark.asyncio(loop_scope="package")
 
@@ -50,6 +50,9 @@ async def test_api_processes_share_a_port_with_reuse_port(stack: Stack) -> None:
         assert statuses == [202] * REQUESTS
         assert await stored(stack, "SESSIONS") - before == REQUESTS
         assert first.running() and second.running()
+        # Both hold a listening socket on the one port (not: the second one waits its turn).
+        assert first.process is not None and second.process is not None
+        assert listening_on(first.process.pid, port) and listening_on(second.process.pid, port)
         first.wait_log("start-up objects frozen")
     finally:
         first.terminate()
