@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ceiling import measure_ceiling
-from bench.procstat import OTHER, CpuMeter, speed_line
+from bench.procstat import OTHER, CpuMeter
 from contracts import subjects
 from contracts.events import WorkloadTimeRecordedV1
 from contracts.streams import WORKLOADS
@@ -183,7 +183,6 @@ def main() -> int:
         + ", ".join(f"{name} {value:.0f} us" for name, value in cpu.items() if name != OTHER)
         + f"; the rest of the machine {cpu.get(OTHER, 0.0):.0f} us"
     )
-    print(speed_line())
     return 0
 
 

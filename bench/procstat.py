@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-# The speed probe: a pure-Python loop of this many additions (0.67-1.39 s on the 2-core VMs
-# so far; the same code's figures move with it, see bench/README.md).
-SPEED_PROBE_ADDITIONS = 10_000_000
 
 
 def cpu_seconds(pid: int) -> float:
@@ -22,22 +18,6 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / CLOCK_TICKS
-
-
-def python_loop_s(additions: int = SPEED_PROBE_ADDITIONS) -> float:
-    """Seconds a pure-Python loop of `additions` additions takes here, now: how fast this VM
-    runs at the moment, printed beside a figure so runs on a slower stretch can be told apart."""
-    started = time.perf_counter()
-    total = 0
-    for number in range(additions):
-        total += number
-    return time.perf_counter() - started
-
-
-def speed_line() -> str:
-    return (
-        f"  machine   a Python loop of {SPEED_PROBE_ADDITIONS:,} additions: {python_loop_s():.2f} s"
-    )
 
 
 def machine_busy_seconds() -> float:

@@ -36,7 +36,7 @@ import aiohttp
 
 from bench.ceiling import measure_ceiling
 from bench.health_ingest import percentile, provision_streams
-from bench.procstat import OTHER, CpuMeter, rss_mb, speed_line
+from bench.procstat import OTHER, CpuMeter, rss_mb
 from bench.wrk import installed as wrk_installed
 from bench.wrk import run_wrk
 from tests.harness import (
@@ -273,7 +273,6 @@ def main() -> int:
     print(f"  ceiling   raw publish {raw_publish:,.0f} msg/s; HTTP/raw {ratio:.2f}x")
     print_cpu(cpu_us)
     print(f"  api RSS   {r['api_rss_mb']:.0f} MB")
-    print(speed_line())
     return 0
 
 
