@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats.errors
 import pytest
+from nats.js.errors import ServiceUnavailableError
 from sqlalchemy import func, select
 
 from contracts.streams import ALL_STREAMS, LEDGER_WORKLOADS_CONSUMER, SESSIONS, WORKLOADS
@@ -249,9 +251,17 @@ def expected_sessions(
 
 
 async def all_current(stack: ClusterStack) -> bool:
-    """Every stream has its 3 replicas, and the followers are current."""
+    """Every stream has its 3 replicas, and the followers are current.
+
+    An API request that goes unanswered (a leader is still being elected after the faults,
+    seen in CI as a 5 s timeout on STREAM.INFO) means not yet: the caller polls until its
+    deadline, and a cluster that never answers still fails there.
+    """
     for spec in ALL_STREAMS:
-        info = await stack.js.stream_info(spec.name)
+        try:
+            info = await stack.js.stream_info(spec.name)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+            return False
         replicas = (info.cluster.replicas or []) if info.cluster else []
         if info.config.num_replicas != CLUSTER_SIZE or len(replicas) != CLUSTER_SIZE - 1:
             return False
