@@ -73,8 +73,10 @@ async def create_pinned_consumer(
     assert "error" not in json.loads(answer.data), answer.data
 
 
-async def pull(nc: NatsClient, durable: str, batch: int, pin: str | None = None) -> Pull:
-    """One pull request of the group; acks what it gets (the new client works normally)."""
+async def pull(
+    nc: NatsClient, durable: str, batch: int, pin: str | None = None, *, ack: bool = True
+) -> Pull:
+    """One pull request of the group; acks what it gets unless `ack` is false (a stalled copy)."""
     result = Pull()
     finished = asyncio.Event()
 
@@ -87,7 +89,8 @@ async def pull(nc: NatsClient, durable: str, batch: int, pin: str | None = None)
         result.sequences.append(msg.metadata.sequence.stream)
         result.deliveries.append(msg.metadata.num_delivered)
         result.pins.add(headers.get(PIN_HEADER, ""))
-        await msg.ack()
+        if ack:
+            await msg.ack()
         if len(result.sequences) >= batch:
             finished.set()
 
@@ -112,39 +115,31 @@ async def pull(nc: NatsClient, durable: str, batch: int, pin: str | None = None)
     return result
 
 
-async def take_first_batch_and_vanish(nc: NatsClient, durable: str) -> str:
-    """Client A: pinned by its first pull, never acks, never pulls again (a stalled copy)."""
+async def pinned_and_stalled(
+    nc: NatsClient, durable: str, *, priority_timeout_s: float, ack_wait_s: float
+) -> str:
+    """A pinned consumer with MESSAGES stored, and client A pinned by its first pull, which
+    takes FIRST_BATCH, never acks them and never pulls again (a stalled copy); A's pin id."""
+    await create_pinned_consumer(
+        nc, durable, priority_timeout_s=priority_timeout_s, ack_wait_s=ack_wait_s
+    )
     js = nc.jetstream()
     for number in range(MESSAGES):
         await js.publish(SUBJECT, json.dumps({"n": number}).encode(), stream=WORKLOADS.name)
-    inbox = nc.new_inbox()
-    held: list[Msg] = []
-
-    async def hold(msg: Msg) -> None:
-        if msg.data:  # a status ends the request; the five messages are what counts
-            held.append(msg)
-
-    subscription = await nc.subscribe(inbox, cb=hold)
-    await nc.publish(
-        f"$JS.API.CONSUMER.MSG.NEXT.{WORKLOADS.name}.{durable}",
-        json.dumps({"batch": FIRST_BATCH, "group": GROUP, "no_wait": True}).encode(),
-        reply=inbox,
-    )
-    deadline = time.monotonic() + ANSWER_GRACE_S
-    while len(held) < FIRST_BATCH and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    await subscription.unsubscribe()
-    assert [m.metadata.sequence.stream for m in held] == list(range(1, FIRST_BATCH + 1))
-    pins = {(m.headers or {}).get(PIN_HEADER) for m in held}
-    assert len(pins) == 1 and None not in pins, pins
-    return str(pins.pop())
+    first = await pull(nc, durable, FIRST_BATCH, ack=False)
+    assert first.sequences == list(range(1, FIRST_BATCH + 1))
+    assert len(first.pins) == 1 and "" not in first.pins, first.pins
+    return first.pins.pop()
 
 
-async def pull_until_served(nc: NatsClient, durable: str, batch: int, within_s: float) -> Pull:
-    """Client B: pulls without a pin, as a standby copy does, until the server serves it."""
+async def pull_until_served(
+    nc: NatsClient, durable: str, batch: int, within_s: float, pin: str | None = None
+) -> Pull:
+    """Client B: pulls (without a pin, as a standby copy does, or with its own) until the
+    server serves it."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        answer = await pull(nc, durable, batch)
+        answer = await pull(nc, durable, batch, pin)
         if answer.sequences:
             return answer
     raise AssertionError(f"not served within {within_s} s")
@@ -154,8 +149,7 @@ async def test_a_new_pinned_client_gets_newer_messages_before_the_old_clients_un
     ops_nc: NatsClient,
 ) -> None:
     durable = "pinned-facts-short-ttl"
-    await create_pinned_consumer(ops_nc, durable, priority_timeout_s=1.5, ack_wait_s=5.0)
-    old_pin = await take_first_batch_and_vanish(ops_nc, durable)
+    old_pin = await pinned_and_stalled(ops_nc, durable, priority_timeout_s=1.5, ack_wait_s=5.0)
 
     first = await pull_until_served(ops_nc, durable, MESSAGES, within_s=4.0)
     # Pinned anew 1.5 s after A's pull, and served 6.. at once: 1..5 are still A's.
@@ -163,11 +157,7 @@ async def test_a_new_pinned_client_gets_newer_messages_before_the_old_clients_un
     assert set(first.deliveries) == {1}
     assert first.pins and old_pin not in first.pins
     # A's five come back only after their ack_wait, behind the newer messages.
-    new_pin = first.pins.pop()
-    later = Pull()
-    deadline = time.monotonic() + 8.0
-    while not later.sequences and time.monotonic() < deadline:
-        later = await pull(ops_nc, durable, MESSAGES, pin=new_pin)
+    later = await pull_until_served(ops_nc, durable, MESSAGES, within_s=8.0, pin=first.pins.pop())
     assert sorted(later.sequences) == list(range(1, FIRST_BATCH + 1))
     assert set(later.deliveries) == {2}
 
@@ -176,8 +166,7 @@ async def test_with_a_timeout_above_ack_wait_the_unacked_come_first_and_a_stale_
     ops_nc: NatsClient,
 ) -> None:
     durable = "pinned-facts-long-ttl"
-    await create_pinned_consumer(ops_nc, durable, priority_timeout_s=3.0, ack_wait_s=1.0)
-    old_pin = await take_first_batch_and_vanish(ops_nc, durable)
+    old_pin = await pinned_and_stalled(ops_nc, durable, priority_timeout_s=3.0, ack_wait_s=1.0)
 
     first = await pull_until_served(ops_nc, durable, FIRST_BATCH, within_s=6.0)
     assert sorted(first.sequences) == list(range(1, FIRST_BATCH + 1))
