@@ -163,14 +163,17 @@ async def run(
             PAYMENTS_SESSION_CREDIT_ETH_PER_MINUTE="0.06",
             PAYMENTS_API_REUSE_PORT="true" if apis > 1 else "false",
         )
-        processes = [start_worker("registry", env, root)]
+        # By the name the CPU report gives them: registry, sessions, api, api-2, ...
+        processes = {"registry": start_worker("registry", env, root)}
         if with_worker:
-            processes.append(start_worker("sessions", env, root))
+            processes["sessions"] = start_worker("sessions", env, root)
         api, base = start_api(env, root)
+        processes["api"] = api
         port = int(base.rsplit(":", 1)[1])
-        processes += [start_api(env, root, port=port)[0] for _ in range(apis - 1)]
+        for number in range(2, apis + 1):
+            processes[f"api-{number}"] = start_api(env, root, port=port)[0]
         await wait_for_orchestrator_at(base)
-        meter = CpuMeter(stack_pids(nats.process, api, processes, with_worker))
+        meter = CpuMeter(stack_pids(nats.process, processes))
         started = time.perf_counter()
         meter.start()
         if client == "wrk":
@@ -189,8 +192,7 @@ async def run(
         total_elapsed = time.perf_counter() - started
         figures["applied_per_s"] = applied(root / "payments.db") / total_elapsed
         figures["api_rss_mb"] = (rss_mb(api.process.pid) or 0.0) if api.process else 0.0
-        api.terminate()
-        for process in processes:
+        for process in processes.values():
             process.terminate()
         return figures, cpu_us
     finally:
@@ -199,13 +201,10 @@ async def run(
 
 
 def stack_pids(
-    nats: subprocess.Popen[bytes] | None, api: Process, others: list[Process], with_worker: bool
+    nats: subprocess.Popen[bytes] | None, processes: dict[str, Process]
 ) -> dict[str, int]:
-    """The processes whose CPU the run reports, by name: registry, sessions, api, api-2, ..."""
-    names = ["registry", *(["sessions"] if with_worker else [])]
-    names += [f"api-{n}" for n in range(2, len(others) - len(names) + 2)]
-    pids = {"api": api.process.pid} if api.process else {}
-    pids |= {name: p.process.pid for name, p in zip(names, others, strict=True) if p.process}
+    """The pids of the processes whose CPU the run reports, by name, nats-server included."""
+    pids = {name: p.process.pid for name, p in processes.items() if p.process}
     if nats is not None:
         pids["nats-server"] = nats.pid
     return pids
