@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import urllib.request
 import uuid
 from collections import defaultdict
@@ -28,6 +29,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
@@ -252,6 +254,12 @@ async def stream_count(js: JetStreamContext, stream: str, subject: str | None = 
     return sum((info.state.subjects or {}).values())
 
 
+# How long a fetch keeps being retried while the server answers "no responders" (503).
+UNREACHABLE_CONSUMER_RETRY_S = 15.0
+UNREACHABLE_CONSUMER_PAUSE_S = 0.2
+READ_FETCH_TIMEOUT_S = 5.0
+
+
 async def read_stream(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
     """Every message of `stream` on `subject` (wildcards allowed), read through an ephemeral
     unacknowledged consumer."""
@@ -271,13 +279,33 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str) -> list[M
     )
     try:
         while len(found) < total:
-            batch = await subscription.fetch(min(1000, total - len(found)), timeout=5)
+            batch = await fetch_once_reachable(subscription, min(1000, total - len(found)))
             found += batch
             if batch[-1].metadata.num_pending == 0:
                 break
     finally:
         await subscription.unsubscribe()
     return found
+
+
+async def fetch_once_reachable(
+    subscription: JetStreamContext.PullSubscription, batch: int
+) -> list[Msg]:
+    """A fetch that waits out a consumer the client's server cannot reach yet.
+
+    On a cluster the consumer is created on the stream leader's node, and its interest spreads
+    to the other nodes over the routes after the create request has been answered: a pull sent
+    through another node in between gets 503 no responders (seen in CI right after node
+    restarts). A consumer still unreachable after UNREACHABLE_CONSUMER_RETRY_S fails the test.
+    """
+    deadline = time.monotonic() + UNREACHABLE_CONSUMER_RETRY_S
+    while True:
+        try:
+            return await subscription.fetch(batch, timeout=READ_FETCH_TIMEOUT_S)
+        except ServiceUnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+            await asyncio.sleep(UNREACHABLE_CONSUMER_PAUSE_S)
 
 
 LEDGER_SUBJECTS = "ledger.entries.>"

@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 import aiohttp
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -34,6 +33,7 @@ from shared.embedded_nats import EmbeddedNats
 from shared.nats_client import connect
 from shared.provisioning import provision
 from shared.settings import build_settings
+from tests import ledger_stack
 from tests.harness import (
     ADMIN_TOKEN,
     Database,
@@ -212,35 +212,12 @@ async def ledger_rows(
 
 async def stream_count(js: JetStreamContext, subject: str = SESSION_EVENTS) -> int:
     """How many SESSIONS messages match `subject` (wildcards allowed)."""
-    info = await js.stream_info(SESSIONS.name, subjects_filter=subject)
-    return sum((info.state.subjects or {}).values())
+    return await ledger_stack.stream_count(js, SESSIONS.name, subject)
 
 
 async def read_stream(js: JetStreamContext, subject: str = SESSION_EVENTS) -> list[Msg]:
     """Every SESSIONS message on `subject`, through an ephemeral unacknowledged consumer."""
-    total = await stream_count(js, subject)
-    if total == 0:
-        return []
-    found: list[Msg] = []
-    subscription = await js.pull_subscribe(
-        subject,
-        stream=SESSIONS.name,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=30.0,
-            mem_storage=True,
-        ),
-    )
-    try:
-        while len(found) < total:
-            batch = await subscription.fetch(min(1000, total - len(found)), timeout=5)
-            found += batch
-            if batch[-1].metadata.num_pending == 0:
-                break
-    finally:
-        await subscription.unsubscribe()
-    return found
+    return await ledger_stack.read_stream(js, SESSIONS.name, subject)
 
 
 async def stored_session_events(js: JetStreamContext) -> list[dict[str, Any]]:
