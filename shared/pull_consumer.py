@@ -42,6 +42,8 @@ DESCRIPTION_HEADER = "Description"
 NO_MESSAGES = "404"
 REQUEST_TIMEOUT = "408"
 ENDED_NORMALLY = frozenset({NO_MESSAGES, REQUEST_TIMEOUT})
+# No responders: the consumer is not reachable from this server (yet), or JetStream is down.
+UNAVAILABLE = "503"
 # A 408's description when a no_wait request found another request already waiting.
 REQUESTS_PENDING = "Requests Pending"
 # The reply subject of every message a consumer delivers.

@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -35,12 +39,15 @@ from shared.db.migrate import upgrade_async
 from shared.db.models import LedgerEntry, Orchestrator, OutboxMessage, ProcessedEvent, Workload
 from shared.event_consumer import Delivery, EventConsumer
 from shared.nats_client import connect
-from shared.pull_consumer import PullConsumer
+from shared.pull_consumer import UNAVAILABLE, PullConsumer, PullError
 from shared.settings import Settings
 
 REPLAY_FETCH_BATCH = 1000
 REPLAY_APPLY_BATCH = 1000
 REPLAY_FETCH_TIMEOUT_S = 5.0
+# A stream that delivers nothing for this long mid-read fails the replay.
+REPLAY_STALL_TIMEOUT_S = 60.0
+REPLAY_UNAVAILABLE_PAUSE_S = 0.5
 REPLAY_CONSUMER_IDLE_S = 120.0
 PROGRESS_BAR_WIDTH = 30
 PROGRESS_EVERY_MESSAGES = 2000
@@ -116,7 +123,13 @@ async def _require_empty(sessions: async_sessionmaker[AsyncSession]) -> None:
 
 
 async def read_stream(nc: NatsClient, stream: str) -> AsyncIterator[Msg]:
-    """Every message of `stream` from its first, through an ephemeral unacknowledged consumer."""
+    """Every message of `stream` from its first, through an ephemeral unacknowledged consumer.
+
+    It ends when the consumer has nothing left to deliver. A fetch that brings nothing while
+    messages are still pending (a leader election, a pull refused with 503) is asked again; a
+    stream that delivers nothing for REPLAY_STALL_TIMEOUT_S raises ReplayError, so a replay is
+    never reported done with part of a stream left unread.
+    """
     js = nc.jetstream()
     info = await js.stream_info(stream)
     total = info.state.messages
@@ -134,11 +147,21 @@ async def read_stream(nc: NatsClient, stream: str) -> AsyncIterator[Msg]:
     reader = PullConsumer(nc, stream, consumer.name)
     await reader.start()
     seen = 0
+    last_delivery = time.monotonic()
     try:
         while seen < total:
-            messages = await reader.fetch(REPLAY_FETCH_BATCH, REPLAY_FETCH_TIMEOUT_S)
+            messages = await _fetch_or_nothing(reader)
             if not messages:
-                return
+                if await _pending(js, stream, consumer.name, seen, total) == 0:
+                    return  # the rest was removed by the stream's limits while we read
+                if time.monotonic() - last_delivery > REPLAY_STALL_TIMEOUT_S:
+                    raise ReplayError(
+                        f"stream {stream}: read {seen} of {total} messages, then nothing for "
+                        f"{REPLAY_STALL_TIMEOUT_S:.0f}s; the target database holds a partial "
+                        "rebuild, replay again into an empty one"
+                    )
+                continue
+            last_delivery = time.monotonic()
             for message in messages:
                 seen += 1
                 yield message
@@ -148,6 +171,32 @@ async def read_stream(nc: NatsClient, stream: str) -> AsyncIterator[Msg]:
         await reader.stop()
         with contextlib.suppress(Exception):
             await js.delete_consumer(stream, consumer.name)
+
+
+async def _fetch_or_nothing(reader: PullConsumer) -> list[Msg]:
+    """A batch; nothing when the server refused the pull as unavailable (503: the consumer is
+    not reachable yet, or JetStream is electing a leader), after a pause."""
+    try:
+        return await reader.fetch(REPLAY_FETCH_BATCH, REPLAY_FETCH_TIMEOUT_S)
+    except PullError as error:
+        if error.status != UNAVAILABLE:
+            raise ReplayError(f"stream {reader.stream}: {error}") from error
+        await asyncio.sleep(REPLAY_UNAVAILABLE_PAUSE_S)
+        return []
+
+
+async def _pending(js: JetStreamContext, stream: str, consumer: str, seen: int, total: int) -> int:
+    """How many messages the replay consumer still has to deliver; ReplayError when it is gone
+    (the server restarted: the consumer lived in memory) or cannot be asked."""
+    try:
+        return int((await js.consumer_info(stream, consumer)).num_pending)
+    except nats.js.errors.NotFoundError as error:
+        raise ReplayError(
+            f"stream {stream}: the replay consumer vanished after {seen} of {total} messages "
+            "(the server restarted?); replay again into an empty database"
+        ) from error
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+        return total - seen  # unknown: count it as pending, the stall deadline still applies
 
 
 async def merged(nc: NatsClient, streams: list[str]) -> AsyncIterator[Msg]:
