@@ -186,8 +186,9 @@ async def _fetch_or_nothing(reader: PullConsumer) -> list[Msg]:
 
 
 async def _pending(js: JetStreamContext, stream: str, consumer: str, seen: int, total: int) -> int:
-    """How many messages the replay consumer still has to deliver; ReplayError when it is gone
-    (the server restarted: the consumer lived in memory) or cannot be asked."""
+    """How many messages the replay consumer still has to deliver (all the unread ones when
+    JetStream does not answer); ReplayError when it is gone (the server restarted: the consumer
+    lived in memory)."""
     try:
         return int((await js.consumer_info(stream, consumer)).num_pending)
     except nats.js.errors.NotFoundError as error:
