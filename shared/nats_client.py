@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.js.errors import ServiceUnavailableError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from shared.settings import Settings
@@ -17,6 +18,14 @@ Role = Literal["ingress", "worker", "ops"]
 INITIAL_CONNECT_DEADLINE_S = 30.0
 RECONNECT_WAIT_S = 0.5
 CONNECT_TIMEOUT_S = 2.0
+
+# A JetStream API request nobody answered: a leader is being elected, the server restarted, or
+# (503) no server holds the asset yet. Worth asking again, unlike a refusal.
+JETSTREAM_UNANSWERED = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    ServiceUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 

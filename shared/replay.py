@@ -22,13 +22,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
-from nats.js.errors import ServiceUnavailableError
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlmodel import col
@@ -38,7 +36,7 @@ from shared.db.engine import make_engine, make_sessionmaker
 from shared.db.migrate import upgrade_async
 from shared.db.models import LedgerEntry, Orchestrator, OutboxMessage, ProcessedEvent, Workload
 from shared.event_consumer import Delivery, EventConsumer
-from shared.nats_client import connect
+from shared.nats_client import JETSTREAM_UNANSWERED, connect
 from shared.pull_consumer import UNAVAILABLE, PullConsumer, PullError
 from shared.settings import Settings
 
@@ -196,7 +194,7 @@ async def _pending(js: JetStreamContext, stream: str, consumer: str, seen: int, 
             f"stream {stream}: the replay consumer vanished after {seen} of {total} messages "
             "(the server restarted?); replay again into an empty database"
         ) from error
-    except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+    except JETSTREAM_UNANSWERED:
         return total - seen  # unknown: count it as pending, the stall deadline still applies
 
 

@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats.errors
 import pytest
-from nats.js.errors import ServiceUnavailableError
 from sqlalchemy import func, select
 
 from contracts.streams import ALL_STREAMS, LEDGER_WORKLOADS_CONSUMER, SESSIONS, WORKLOADS
 from shared.db.models import Balance, DeadLetter, LedgerEntry, ProcessedEvent, Session
+from shared.nats_client import JETSTREAM_UNANSWERED
 from tests.cluster.cluster_stack import (
     CLUSTER_SIZE,
     ClusterStack,
@@ -260,7 +259,7 @@ async def all_current(stack: ClusterStack) -> bool:
     for spec in ALL_STREAMS:
         try:
             info = await stack.js.stream_info(spec.name)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError):
+        except JETSTREAM_UNANSWERED:
             return False
         replicas = (info.cluster.replicas or []) if info.cluster else []
         if info.config.num_replicas != CLUSTER_SIZE or len(replicas) != CLUSTER_SIZE - 1:
